@@ -1,0 +1,2 @@
+"""Domain-agnostic distillation core: paths, denoisers, samplers, objectives, trainer,
+metrics, CLI."""

@@ -1,0 +1,178 @@
+"""DMD2: improved distribution matching distillation.
+
+Yin et al., "One-step Diffusion with Distribution Matching Distillation" (DMD, CVPR 2024)
+and "Improved Distribution Matching Distillation for Fast Image Synthesis" (DMD2, NeurIPS
+2024).
+
+Student G maps noise to x = G(z). Its gradient is the reverse-KL gradient
+    grad_x KL(p_fake || p_real) ~ E_t,eps[ w(x) (x0_fake(x_t) - x0_real(x_t)) ]
+(DMD eq. 7, with the real and fake scores written as x0-predictions), normalised per sample
+by w = 1 / mean|x - x0_real(x_t)| (DMD eq. 8). The fake score is trained on detached
+student samples with the teacher's own denoising loss, several times per student update
+(DMD2 sec. 4.1, two time-scale update rule). An optional GAN head on the fake score's
+bottleneck features separates noised real from noised student samples (DMD2 sec. 4.2,
+eq. 4); it is trained with the fake score (same role) and its non-saturating loss is added
+to the student's. A multi-step student is trained on its own backward-simulated inputs
+(DMD2 sec. 4.4): run the student from noise, without gradient, to a random one of its
+steps, then take the gradient step from there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fewstep.core.batch import Batch
+from fewstep.core.models import Denoiser, trainable_copy
+from fewstep.core.objectives.base import Objective, ObjectiveConfig
+from fewstep.core.objectives.common import denoising_loss, noised, sample_times
+
+
+@dataclass
+class DMD2Config(ObjectiveConfig):
+    fake_updates_per_student: int = 5  # TTUR: fake-score updates per student update
+    t_range: tuple[float, float] = (0.02, 0.98)  # DM-loss times as fractions of the path
+    gan_weight: float = 0.0  # student GAN loss weight (DMD2 uses 3e-3 on ImageNet; 0 = off)
+    gan_critic_weight: float = 1.0  # weight of the head's classification loss for the critic
+    backward_simulation: bool = True  # multi-step: train on the student's own rollouts
+
+
+class GANHead(nn.Module):
+    """Logit from bottleneck features (B, C, ...): average over positions, then an MLP."""
+
+    def __init__(self, width: int, hidden: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+
+    def forward(self, feats: Tensor) -> Tensor:
+        f = feats.flatten(2).mean(-1) if feats.ndim > 2 else feats
+        return self.net(f).squeeze(-1)
+
+
+def dmd_loss(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> tuple[Tensor, Tensor]:
+    """DMD's generator loss (DMD eqs. 7-8) as a surrogate whose gradient wrt x is
+    w * (x0_fake - x0_real) / numel, with w = 1 / mean|x - x0_real| per sample.
+
+    x, x0_real, x0_fake: (B, ...). Returns (loss, per-sample gradient norm)."""
+    dims = tuple(range(1, x.ndim))
+    with torch.no_grad():
+        w = 1.0 / (x - x0_real).abs().mean(dim=dims, keepdim=True).clamp_min(1e-6)
+        grad = torch.nan_to_num((x0_fake - x0_real) * w)
+    loss = 0.5 * F.mse_loss(x, (x - grad).detach(), reduction="mean")
+    return loss, grad.flatten(1).norm(dim=1)
+
+
+class DMD2(Objective):
+    name = "dmd2"
+    config_cls = DMD2Config
+    roles = ("student", "fake_score")
+    summary = "distribution matching with a trained fake score, TTUR, GAN head (Yin 2024)"
+
+    @property
+    def needs_data(self) -> bool:  # type: ignore[override]
+        return self.config.gan_weight > 0
+
+    def build_roles(self, student: Denoiser, example: Batch) -> dict[str, nn.Module]:
+        score = trainable_copy(_unguided(self.teacher))
+        critic = nn.ModuleDict({"score": score})
+        if self.config.gan_weight > 0:
+            x = torch.zeros(1, *_sample_shape(example, student), device=example.rng.device)
+            cond = _first(example.cond)
+            t = self.path.fraction_to_t(0.5).to(x.device).expand(1)
+            with torch.no_grad():
+                width = score.features(x, t, cond).shape[1]
+            critic["head"] = GANHead(width).to(x.device)
+        return {"student": student, "fake_score": critic}
+
+    def schedule(self, step: int) -> list[str]:
+        if step % self.config.fake_updates_per_student == 0:
+            return ["student", "fake_score"]
+        return ["fake_score"]
+
+    def generate(self, student: Denoiser, batch: Batch) -> Tensor:
+        """Student samples with gradient; multi-step students start from a backward-simulated
+        state at a random step of their own sampler."""
+        sampler = self.student_sampler()
+        noise = batch.rng.randn(*_sample_shape(batch, student))
+        times = sampler.native_times(self.path)
+        k = 0
+        if len(times) > 1 and self.config.backward_simulation:
+            k = batch.rng.shared_randint(0, len(times))
+        with torch.no_grad():
+            x_t, t, _ = sampler.rollout(
+                student, noise, batch.cond, upto=k, fresh=batch.rng.randn_like
+            )
+        if t is None:  # unreachable: upto < len(times)
+            raise RuntimeError("backward simulation ran past the last student step")
+        return student.predict(x_t, t.expand(x_t.shape[0]).to(x_t), batch.cond, kind="x0")
+
+    def losses(self, roles, batch, update, step):
+        cfg = self.config
+        student, critic = roles["student"], roles["fake_score"]
+        fake = critic["score"]
+        losses, logs = {}, {}
+        with torch.set_grad_enabled("student" in update):
+            x = self.generate(student, batch)
+
+        if "student" in update:
+            t = sample_times(self.path, batch, cfg.t_range)
+            x_t, _ = noised(self.path, x.detach(), t, batch)
+            with torch.no_grad():
+                x0_real = self.teacher.predict(x_t, t, batch.cond, kind="x0")
+                x0_fake = fake.predict(x_t, t, batch.cond, kind="x0")
+            loss, gnorm = dmd_loss(x, x0_real, x0_fake)
+            logs["dm_loss"] = loss.item()
+            logs["dm_grad_norm"] = gnorm.mean().item()
+            if cfg.gan_weight > 0:
+                t_g = sample_times(self.path, batch, cfg.t_range)
+                xg_t, _ = noised(self.path, x, t_g, batch)
+                logits = critic["head"](fake.features(xg_t, t_g, batch.cond))
+                gan = F.softplus(-logits).mean()
+                logs["gan_student"] = gan.item()
+                loss = loss + cfg.gan_weight * gan
+            losses["student"] = loss
+
+        if "fake_score" in update:
+            x_d = x.detach()
+            loss = denoising_loss(fake, x_d, batch.cond, batch)
+            logs["fake_score_loss"] = loss.item()
+            if cfg.gan_weight > 0:
+                if batch.x is None:
+                    raise ValueError("dmd2 with gan_weight > 0 needs real data in the batch")
+                t_g = sample_times(self.path, batch, cfg.t_range)
+                xf_t, _ = noised(self.path, x_d, t_g, batch)
+                xr_t, _ = noised(self.path, batch.x, t_g, batch)
+                lf = critic["head"](fake.features(xf_t, t_g, batch.cond))
+                lr = critic["head"](fake.features(xr_t, t_g, batch.cond))
+                d_loss = F.softplus(lf).mean() + F.softplus(-lr).mean()
+                logs["gan_critic"] = d_loss.item()
+                logs["gan_real_acc"] = (lr > 0).float().mean().item()
+                loss = loss + cfg.gan_critic_weight * d_loss
+            losses["fake_score"] = loss
+        return losses, logs
+
+
+def _unguided(d: Denoiser) -> Denoiser:
+    """The conditional network under a CFG wrapper (the fake score is never guided)."""
+    return getattr(d, "base", d)
+
+
+def _sample_shape(batch: Batch, student: Denoiser) -> tuple[int, ...]:
+    shape = batch.extras.get("sample_shape")
+    if shape is None and batch.x is not None:
+        shape = tuple(batch.x.shape[1:])
+    if shape is None:
+        raise ValueError("batch needs x or extras['sample_shape'] to know the sample shape")
+    return tuple(shape)
+
+
+def _first(cond):
+    """The first element of a batched condition (tensor or dict of tensors)."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: _first(v) for k, v in cond.items()}
+    return cond[:1]

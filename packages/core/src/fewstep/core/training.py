@@ -1,0 +1,346 @@
+"""One trainer for every objective.
+
+It owns what objectives must not know about: devices, processes, an optimizer per role and
+the update schedule between roles, gradient accumulation and clipping, mixed precision, the
+student's EMA, periodic evaluation and sample grids, atomic checkpoints and exact resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.core import checkpoint as ckpt
+from fewstep.core import distributed as D
+from fewstep.core.batch import Batch, StepRNG
+from fewstep.core.models import Denoiser, frozen_copy
+from fewstep.core.objectives.base import Objective
+
+log = logging.getLogger("fewstep")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimisation steps (one step updates the roles the schedule names)
+    batch_size: int = 64  # per-process batch; the global batch is this times world size
+    lr: float = 1e-4  # learning rate of every role unless overridden in role_lr
+    role_lr: dict[str, float] = field(default_factory=dict)  # per-role learning rates
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # max gradient norm per role; 0 disables clipping
+    grad_accum: int = 1  # micro-batches accumulated per optimiser step
+    ema_decay: float = 0.999  # EMA of the student's weights; 0 disables it
+    mixed_precision: Literal["no", "bf16", "auto"] = "no"  # auto = bf16 on CUDA if supported
+    seed: int = 0  # seeds every draw: the same seed gives the same run
+    log_every: int = 10  # steps between log records
+    eval_every: int = 0  # steps between evaluations; 0 = only at the end
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2  # complete checkpoints kept on disk
+    resume: bool = True  # continue from out_dir's latest checkpoint when there is one
+    progress: bool = True  # progress bar on rank 0
+
+
+class DataSource(Protocol):
+    """Draws this process's slice of the global batch with the step's generator."""
+
+    sample_shape: tuple[int, ...]
+
+    def __call__(self, rng: StepRNG) -> tuple[Tensor | None, Any]: ...
+
+
+@dataclass
+class TensorData:
+    """Uniform draws with replacement from in-memory tensors (x, optional labels)."""
+
+    x: Tensor  # (N, ...) samples
+    cond: Tensor | None = None  # (N, ...) conditions, e.g. class labels
+
+    def __post_init__(self):
+        if self.cond is not None and len(self.cond) != len(self.x):
+            raise ValueError(f"x has {len(self.x)} samples but cond has {len(self.cond)}")
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    def __call__(self, rng):
+        idx = rng.randint(0, len(self.x)).cpu()
+        return self.x[idx], None if self.cond is None else self.cond[idx]
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float] = field(default_factory=dict)  # logged and kept in history
+    warnings: list[str] = field(default_factory=list)  # e.g. a collapsed student
+    images: dict[str, Tensor] = field(default_factory=dict)  # (N, C, H, W) in [-1, 1] grids
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _autocast(device: torch.device, mode: str):
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    if mode == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class Trainer:
+    """``Trainer(objective, student, data, config, out_dir).fit()``.
+
+    ``evaluator(trainer) -> EvalResult`` runs on rank 0 with the EMA student (see
+    ``sampling_denoiser``) every ``eval_every`` steps and at the end.
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        student: Denoiser,
+        data: DataSource,
+        config: TrainConfig,
+        out_dir: str | Path,
+        evaluator: Callable[[Trainer], EvalResult] | None = None,
+        device: str | None = None,
+    ):
+        self.cfg = config
+        self.objective = objective
+        self.data = data
+        self.out_dir = Path(out_dir)
+        self.evaluator = evaluator
+        self.dist = D.setup(device)
+        self.device = self.dist.device
+        objective.teacher.to(self.device)
+        self.step = 0
+        self.history: list[dict] = []
+        self.warnings: list[str] = []
+        self.last_checkpoint: Path | None = None
+        torch.manual_seed(config.seed)
+        example = self.make_batch(0, 0)
+        built = objective.build_roles(student.to(self.device), example)
+        self.roles: dict[str, nn.Module] = {k: m.to(self.device) for k, m in built.items()}
+        for m in self.roles.values():
+            D.broadcast_module_(m, self.dist)
+        missing = set(objective.roles) - set(self.roles)
+        if missing:
+            raise ValueError(f"{objective.name}.build_roles did not build roles {sorted(missing)}")
+        self.params = {
+            r: [p for p in self.roles[r].parameters() if p.requires_grad] for r in objective.roles
+        }
+        self.optimizers = {
+            r: torch.optim.AdamW(
+                ps,
+                lr=config.role_lr.get(r, config.lr),
+                betas=config.betas,
+                weight_decay=config.weight_decay,
+            )
+            for r, ps in self.params.items()
+        }
+        self.ema = frozen_copy(self.roles["student"]) if config.ema_decay > 0 else None
+        if config.resume:
+            self.try_resume()
+
+    # --- data -----------------------------------------------------------------------------
+    def make_batch(self, step: int, micro: int) -> Batch:
+        b, info = self.cfg.batch_size, self.dist
+        rng = StepRNG(
+            self.cfg.seed,
+            step,
+            micro,
+            global_size=b * info.world_size,
+            offset=b * info.rank,
+            local_size=b,
+            device=self.device,
+        )
+        x, cond = self.data(rng)
+        x = None if x is None else x.to(self.device)
+        if isinstance(cond, Tensor):
+            cond = cond.to(self.device)
+        return Batch(x=x, cond=cond, rng=rng, extras={"sample_shape": self.data.sample_shape})
+
+    # --- one step ----------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        step, cfg = self.step, self.cfg
+        update = self.objective.schedule(step)
+        unknown = set(update) - set(self.optimizers)
+        if unknown:
+            raise ValueError(f"schedule names roles without optimizers: {sorted(unknown)}")
+        torch.manual_seed(cfg.seed * 7_919 + step)  # stray global draws: same on resume
+        for r in update:
+            self.optimizers[r].zero_grad(set_to_none=True)
+        record: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            batch = self.make_batch(step, micro)
+            with _autocast(self.device, cfg.mixed_precision):
+                losses, logs = self.objective.losses(self.roles, batch, update, step)
+            if set(losses) != set(update):
+                raise ValueError(
+                    f"{self.objective.name} returned losses for {sorted(losses)} but the "
+                    f"schedule asked for {sorted(update)} at step {step}"
+                )
+            bad = [r for r in update if not torch.isfinite(losses[r].detach()).all()]
+            if D.any_true(bool(bad), self.dist):
+                raise NonFiniteLossError(
+                    f"non-finite loss for role(s) {bad or '(on another rank)'} at step {step} "
+                    f"({ {r: float(losses[r]) for r in bad} }); last good checkpoint: "
+                    f"{self.last_checkpoint or 'none written yet'}"
+                )
+            for j, r in enumerate(update):
+                (losses[r].float() / cfg.grad_accum).backward(
+                    inputs=self.params[r], retain_graph=j < len(update) - 1
+                )
+                key = f"loss/{r}"
+                record[key] = record.get(key, 0.0) + float(losses[r].detach()) / cfg.grad_accum
+            for k, v in logs.items():
+                record[k] = record.get(k, 0.0) + float(v) / cfg.grad_accum
+        for r in update:
+            D.average_gradients_(self.params[r], self.dist)
+            if cfg.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(self.params[r], cfg.grad_clip)
+                record[f"grad_norm/{r}"] = float(norm)
+            self.optimizers[r].step()
+        self.objective.after_update(self.roles, update, step)
+        if self.ema is not None and "student" in update:
+            with torch.no_grad():
+                for pe, ps in zip(
+                    self.ema.parameters(), self.roles["student"].parameters(), strict=True
+                ):
+                    pe.lerp_(ps.detach(), 1.0 - cfg.ema_decay)
+        self.step += 1
+        return record
+
+    # --- loop ------------------------------------------------------------------------------
+    def fit(self) -> list[dict]:
+        cfg, main = self.cfg, self.dist.is_main
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        bar = None
+        if main and cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=cfg.steps,
+                initial=self.step,
+                desc=f"distill[{self.objective.name}]",
+                dynamic_ncols=True,
+            )
+        t0 = time.perf_counter()
+        while self.step < cfg.steps:
+            record = self.train_step()
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                record.update(step=self.step, elapsed=time.perf_counter() - t0)
+                self.history.append(record)
+                if main:
+                    with open(self.out_dir / "log.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    if bar is not None:
+                        bar.set_postfix(
+                            {k: f"{v:.3g}" for k, v in record.items() if k.startswith("loss/")}
+                        )
+            if bar is not None:
+                bar.update(1)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                self.evaluate()
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save()
+        if bar is not None:
+            bar.close()
+        self.save()
+        self.evaluate()
+        return self.history
+
+    # --- evaluation ------------------------------------------------------------------------
+    def sampling_denoiser(self, use_ema: bool = True) -> Denoiser:
+        student = self.ema if (use_ema and self.ema is not None) else self.roles["student"]
+        return self.objective.student_denoiser({**self.roles, "student": student})
+
+    def evaluate(self) -> EvalResult | None:
+        if self.evaluator is None or not self.dist.is_main:
+            D.barrier(self.dist)
+            return None
+        was = {k: m.training for k, m in self.roles.items()}
+        for m in self.roles.values():
+            m.eval()
+        try:
+            result = self.evaluator(self)
+        finally:
+            for k, m in self.roles.items():
+                m.train(was[k])
+        self.history.append(
+            {"step": self.step, **{f"eval/{k}": v for k, v in result.metrics.items()}}
+        )
+        for w in result.warnings:
+            msg = f"step {self.step}: {w}"
+            log.warning(msg)
+            self.warnings.append(msg)
+        if result.images:
+            from fewstep.core.report import save_image_grid
+
+            for name, imgs in result.images.items():
+                save_image_grid(
+                    self.out_dir / "samples" / f"step_{self.step:08d}_{name}.png",
+                    imgs.float().cpu(),
+                    upscale=4,
+                )
+        D.barrier(self.dist)
+        return result
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def checkpoint_modules(self) -> dict[str, nn.Module]:
+        mods = dict(self.roles)
+        if self.ema is not None:
+            mods["student_ema"] = self.ema
+        return mods
+
+    def save(self) -> Path | None:
+        if self.dist.is_main:
+            state = {
+                "history": self.history,
+                "warnings": self.warnings,
+                "config": _jsonable(asdict(self.cfg)),
+                "objective": self.objective.name,
+            }
+            self.last_checkpoint = ckpt.save_checkpoint(
+                self.out_dir / "checkpoints",
+                self.step,
+                self.checkpoint_modules(),
+                self.optimizers,
+                state,
+                keep=self.cfg.keep_checkpoints,
+            )
+        D.barrier(self.dist)
+        return self.last_checkpoint
+
+    def try_resume(self) -> bool:
+        path = ckpt.latest_checkpoint(self.out_dir / "checkpoints")
+        if path is None:
+            return False
+        state = ckpt.load_checkpoint(path, self.checkpoint_modules(), self.optimizers)
+        self.step = int(state["step"])
+        self.history = state.get("history", [])
+        self.warnings = state.get("warnings", [])
+        self.last_checkpoint = path
+        if self.dist.is_main:
+            log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj

@@ -1,0 +1,1 @@
+"""Image distillation: diffusers teachers and students, digits recipe."""
