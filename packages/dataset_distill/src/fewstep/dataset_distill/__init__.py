@@ -1,0 +1,1 @@
+"""Dataset and graph distillation: synthetic data that trains models almost as well."""

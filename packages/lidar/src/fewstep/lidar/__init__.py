@@ -1,0 +1,1 @@
+"""LiDAR distillation: preference-aligned scene completion, camera-from-LiDAR."""

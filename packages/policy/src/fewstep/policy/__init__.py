@@ -1,0 +1,1 @@
+"""Robot-policy distillation: streaming and few-step diffusion policies."""

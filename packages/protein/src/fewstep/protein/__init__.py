@@ -1,0 +1,1 @@
+"""Protein-backbone distillation: few-step backbone generators."""

@@ -1,0 +1,1 @@
+"""3-D distillation: score distillation into Gaussians and fields, volume distillation."""

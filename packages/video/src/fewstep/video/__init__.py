@@ -1,0 +1,1 @@
+"""Video distillation: consistency, sparse attention, streaming students."""
