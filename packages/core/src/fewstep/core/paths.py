@@ -24,6 +24,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -303,9 +304,11 @@ class VPDiscrete(Path):
         return (u * self.num_train_timesteps).floor().clamp(max=self.t_max)
 
     def timesteps(self, n):
-        # diffusers' "trailing" spacing: starts at the last index, evenly spaced.
-        step = self.num_train_timesteps / n
-        return (self.t_max - torch.arange(n) * step).round().clamp(min=0)
+        # diffusers' "trailing" spacing, computed as diffusers does (numpy float64 arange,
+        # round half to even, then minus one) so grids agree for every n, e.g. n=16.
+        n_train = self.num_train_timesteps
+        ts = np.round(np.arange(n_train, 0, -n_train / n)) - 1
+        return torch.from_numpy(ts).float().clamp(min=0)
 
 
 @dataclass

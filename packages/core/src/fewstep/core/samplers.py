@@ -127,11 +127,13 @@ class DiffusersSampler(Sampler):
         sch = self.scheduler
         path = denoiser.path
         sch.set_timesteps(self.steps, device=noise.device)
-        x = noise * sch.init_noise_sigma
+        # flow-matching schedulers have neither init_noise_sigma nor scale_model_input:
+        # their prior is the unit normal and the model input is unscaled.
+        x = noise * getattr(sch, "init_noise_sigma", 1.0)
         kind = self._target_kind(path)
         nfe = 0
         for ts in sch.timesteps:
-            inp = sch.scale_model_input(x, ts)
+            inp = sch.scale_model_input(x, ts) if hasattr(sch, "scale_model_input") else x
             t = _batch_t(self._native(ts, path), x)
             pred = denoiser.predict(inp, t, cond, kind=kind)
             nfe += denoiser.evals_per_call

@@ -124,6 +124,7 @@ class Trainer:
         objective.teacher.to(self.device)
         self.step = 0
         self.history: list[dict] = []
+        self._window: dict[str, tuple[float, int]] = {}  # log values since the last record
         self.warnings: list[str] = []
         self.last_checkpoint: Path | None = None
         torch.manual_seed(config.seed)
@@ -237,9 +238,13 @@ class Trainer:
             )
         t0 = time.perf_counter()
         while self.step < cfg.steps:
-            record = self.train_step()
+            for k, v in self.train_step().items():  # mean of each key over the window
+                total, count = self._window.get(k, (0.0, 0))
+                self._window[k] = (total + v, count + 1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                record = {k: total / count for k, (total, count) in self._window.items()}
                 record.update(step=self.step, elapsed=time.perf_counter() - t0)
+                self._window = {}
                 self.history.append(record)
                 if main:
                     with open(self.out_dir / "log.jsonl", "a") as f:
@@ -308,6 +313,7 @@ class Trainer:
             state = {
                 "history": self.history,
                 "warnings": self.warnings,
+                "window": self._window,
                 "config": _jsonable(asdict(self.cfg)),
                 "objective": self.objective.name,
             }
@@ -330,6 +336,7 @@ class Trainer:
         self.step = int(state["step"])
         self.history = state.get("history", [])
         self.warnings = state.get("warnings", [])
+        self._window = {k: tuple(v) for k, v in state.get("window", {}).items()}
         self.last_checkpoint = path
         if self.dist.is_main:
             log.info("resumed from %s at step %d", path, self.step)

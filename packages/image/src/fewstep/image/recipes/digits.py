@@ -1,0 +1,163 @@
+"""``fewstep distill image-digits``: a class-conditional diffusers UNet teacher trained on
+scikit-learn's 8x8 digits, distilled into a 1-step student (DMD2 by default).
+
+The run folder gets the student as a diffusers folder (``student/``, safetensors), the
+resolved config, ``metrics.json``, sample grids and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewstep.core.training import TrainConfig
+from fewstep.image.unet import DigitsUNetConfig
+
+SUPPORTED = ("dmd2", "consistency")
+UNSUPPORTED_WHY: dict[str, str] = {}
+
+
+@dataclass
+class TeacherConfig:
+    path: str = "rectified_flow"  # forward process: rectified_flow, vp_discrete, vp, edm, ...
+    prediction: str = "velocity"  # what the UNet predicts: velocity, eps, v, x0
+    unet: DigitsUNetConfig = field(default_factory=DigitsUNetConfig)  # architecture
+    steps: int = 3000  # training steps (cached by config)
+    batch_size: int = 128  # training batch
+    lr: float = 2e-3  # AdamW learning rate
+    cond_dropout: float = 0.1  # label dropout so CFG has an unconditional score
+    sampler: str = "euler"  # teacher solver for reference samples: euler or heun
+    sample_steps: int = 50  # teacher solver steps
+    seed: int = 0  # training seed
+
+
+@dataclass
+class DigitsConfig:
+    objective: str = "dmd2"  # distillation objective (see `fewstep list`)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # teacher training/sampling
+    guidance_scale: float = 1.0  # CFG scale of the teacher seen by the objective (1 = off)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            steps=2000,
+            batch_size=64,
+            lr=1e-4,
+            ema_decay=0.99,
+            eval_every=500,
+            checkpoint_every=500,
+            log_every=10,
+        )
+    )  # distillation loop
+    eval_samples: int = 1000  # samples per model for the final FD / accuracy
+    probe_samples: int = 200  # samples for evaluations during training
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    device: str = "auto"  # cpu, cuda, or auto
+
+
+def _objective_defaults(name: str) -> dict[str, Any]:
+    return {
+        "dmd2": {"fake_updates_per_student": 5},
+        "consistency": {"num_intervals": 50, "ema_decay": 0.95},
+    }.get(name, {})
+
+
+class DigitsRecipe:
+    name = "image-digits"
+    summary = "8x8 digits: class-conditional UNet teacher -> 1-step student"
+    config_cls = DigitsConfig
+    supported_objectives = SUPPORTED
+
+    def unsupported_reason(self, name: str) -> str:
+        return UNSUPPORTED_WHY.get(name, "not wired into the digits recipe yet")
+
+    def objective_defaults(self, objective: str) -> dict[str, Any]:
+        return _objective_defaults(objective)
+
+    # ---------------------------------------------------------------------------------
+    def distill(self, cfg: DigitsConfig, obj_cfg, out_dir: Path) -> dict:
+        from fewstep.core.models import trainable_copy
+        from fewstep.core.objectives import get_objective
+        from fewstep.core.training import TensorData, Trainer
+        from fewstep.image import digits_eval as ev
+        from fewstep.image.digits import load_digits_tensors
+        from fewstep.image.teacher import guided, load_teacher
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        out_dir = Path(out_dir)
+        x, y = load_digits_tensors()
+        teacher, tinfo = load_teacher(cfg.teacher, progress=cfg.train.progress)
+        objective = get_objective(cfg.objective)(guided(teacher, cfg.guidance_scale), obj_cfg)
+        student = trainable_copy(teacher)
+        probe = ev.Probe(cfg, teacher)
+        t0 = time.perf_counter()
+        trainer = Trainer(
+            objective,
+            student,
+            TensorData(x, y),
+            cfg.train,
+            out_dir,
+            evaluator=probe,
+            device=cfg.device,
+        )
+        trainer.fit()
+        distill_seconds = time.perf_counter() - t0
+        if not trainer.dist.is_main:
+            return {}
+        student_model = trainer.sampling_denoiser(use_ema=True)
+        ev.save_student(out_dir, trainer, cfg)
+        metrics = ev.final_metrics(
+            cfg, teacher, student_model, objective.student_sampler(), out_dir
+        )
+        metrics.update(
+            teacher_train_seconds=tinfo.get("train_seconds"),
+            distill_seconds=distill_seconds,
+            distill_steps=cfg.train.steps,
+            warnings=trainer.warnings,
+        )
+        from fewstep.core.io import atomic_write_json
+
+        atomic_write_json(out_dir / "metrics.json", metrics)
+        self.report(out_dir)
+        return {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+
+    def sample(self, run_dir: Path, n: int, out: Path | None, steps: int | None = None) -> Path:
+        from fewstep.core.report import save_image_grid
+        from fewstep.core.samplers import FewStepSampler
+        from fewstep.image.digits_eval import load_student
+
+        student, cfg = load_student(run_dir)
+        sampler = FewStepSampler.uniform(steps or _trained_steps(run_dir))
+        g = torch.Generator().manual_seed(0)
+        labels = torch.arange(n) % 10
+        x = sampler.sample(student, torch.randn(n, 1, 8, 8, generator=g), labels).x
+        out = out or Path(run_dir) / f"samples_{n}x{steps or _trained_steps(run_dir)}step.png"
+        return save_image_grid(out, x, nrow=10, upscale=4)
+
+    def evaluate(self, run_dir: Path) -> dict:
+        from fewstep.core.samplers import FewStepSampler
+        from fewstep.image import digits_eval as ev
+        from fewstep.image.digits_eval import load_student
+        from fewstep.image.teacher import load_teacher
+
+        student, cfg = load_student(run_dir)
+        teacher, _ = load_teacher(cfg.teacher)
+        sampler = FewStepSampler.uniform(_trained_steps(run_dir))
+        return ev.final_metrics(cfg, teacher, student, sampler, None)
+
+    def report(self, run_dir: Path) -> Path:
+        from fewstep.image.digits_eval import write_report
+
+        return write_report(Path(run_dir))
+
+
+def _trained_steps(run_dir: Path) -> int:
+    obj = json.loads((Path(run_dir) / "config.json").read_text())["objective_config"]
+    return len(obj.get("student_times") or ()) or int(obj.get("student_steps", 1))
+
+
+RECIPE = DigitsRecipe()
