@@ -62,7 +62,7 @@ def main() -> None:
     student, _ = ev.load_student(out)
     s_sampler = FewStepSampler.uniform(_trained_steps(out))
     gteacher, t_sampler = guided(teacher, cfg.guidance_scale), teacher_sampler(cfg.teacher)
-    scorer = ev.Scorer()
+    scorer = ev.Scorer(cfg.classifier_steps)
     rows = {"teacher": [], "student": []}
     nfe = {}
     for seed in range(args.seeds):

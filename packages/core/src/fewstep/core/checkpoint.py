@@ -88,17 +88,24 @@ def save_checkpoint(
         shutil.rmtree(final)
     tmp.rename(final)
     atomic_write_json(root / LATEST, {"step": step, "path": name})
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[: -max(keep, 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    f = Path(root) / LATEST
-    if not f.exists():
-        return None
-    path = Path(root) / json.loads(f.read_text())["path"]
-    return path if path.exists() else None
+    """The folder ``latest.json`` names or, when it is missing or names a folder that is gone
+    (a run killed after renaming its first step folder but before writing ``latest.json``,
+    or while replacing a folder of the same step), the newest complete ``step_*`` folder.
+    ``.tmp_*`` folders are never complete."""
+    root = Path(root)
+    f = root / LATEST
+    if f.exists():
+        path = root / json.loads(f.read_text())["path"]
+        if (path / "state.json").exists():
+            return path
+    done = sorted(p for p in root.glob("step_*") if (p / "state.json").exists())
+    return done[-1] if done else None
 
 
 def load_checkpoint(

@@ -194,7 +194,7 @@ class Trainer:
             if D.any_true(bool(bad), self.dist):
                 raise NonFiniteLossError(
                     f"non-finite loss for role(s) {bad or '(on another rank)'} at step {step} "
-                    f"({ {r: float(losses[r]) for r in bad} }); last good checkpoint: "
+                    f"({ {r: float(losses[r].detach()) for r in bad} }); last good checkpoint: "
                     f"{self.last_checkpoint or 'none written yet'}"
                 )
             for j, r in enumerate(update):
@@ -297,6 +297,8 @@ class Trainer:
                     self.out_dir / "samples" / f"step_{self.step:08d}_{name}.png",
                     imgs.float().cpu(),
                     upscale=4,
+                    pad=2,
+                    pad_value=128,
                 )
         D.barrier(self.dist)
         return result
@@ -309,7 +311,10 @@ class Trainer:
         return mods
 
     def save(self) -> Path | None:
-        if self.dist.is_main:
+        done = self.last_checkpoint is not None and self.last_checkpoint.name.endswith(
+            f"{self.step:08d}"
+        )
+        if self.dist.is_main and not done:  # never rewrite the folder of a finished step
             state = {
                 "history": self.history,
                 "warnings": self.warnings,

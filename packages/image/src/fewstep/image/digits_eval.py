@@ -10,7 +10,7 @@ from torch import Tensor
 
 from fewstep.core.training import EvalResult
 
-GRID = dict(nrow=10, upscale=4, pad=1)
+GRID = dict(nrow=10, upscale=4, pad=2, pad_value=128)
 
 
 def _labels(n: int) -> Tensor:
@@ -38,12 +38,12 @@ class Scorer:
     """FD on the cached digits classifier's features against all 1,797 real digits, and the
     classifier's accuracy on the requested labels."""
 
-    def __init__(self):
+    def __init__(self, classifier_steps: int = 1500):
         from fewstep.core.metrics import gaussian_stats
         from fewstep.image.classifier import load_classifier
         from fewstep.image.digits import load_digits_tensors
 
-        self.clf, self.clf_info = load_classifier()
+        self.clf, self.clf_info = load_classifier(steps=classifier_steps)
         self.real, self.real_labels = load_digits_tensors()
         self.ref_stats = gaussian_stats(self.clf.features(self.real))
 
@@ -69,7 +69,7 @@ class Probe:
         from fewstep.image.teacher import guided, teacher_sampler
 
         self.cfg = cfg
-        self.scorer = Scorer()
+        self.scorer = Scorer(cfg.classifier_steps)
         self.teacher_x, _ = generate(
             guided(teacher, cfg.guidance_scale),
             teacher_sampler(cfg.teacher),
@@ -100,7 +100,7 @@ def final_metrics(cfg, teacher, student, student_sampler, out_dir: Path | None) 
     from fewstep.core.report import save_image_grid
     from fewstep.image.teacher import guided, teacher_sampler
 
-    scorer = Scorer()
+    scorer = Scorer(cfg.classifier_steps)
     n = cfg.eval_samples
     gteacher, tsampler = guided(teacher, cfg.guidance_scale), teacher_sampler(cfg.teacher)
     tx, t_nfe = generate(gteacher, tsampler, n)

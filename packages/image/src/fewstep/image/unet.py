@@ -9,10 +9,10 @@ from fewstep.image.digits import NUM_CLASSES
 
 @dataclass
 class DigitsUNetConfig:
-    channels: tuple[int, ...] = (32, 64)  # block_out_channels, one per resolution
+    channels: tuple[int, ...] = (16, 32)  # block_out_channels, one per resolution
     layers_per_block: int = 1  # ResNet layers per block
     attention: bool = False  # self-attention in the lowest-resolution block
-    norm_groups: int = 8  # GroupNorm groups
+    norm_groups: int = 4  # GroupNorm groups
 
 
 def digits_unet(cfg: DigitsUNetConfig):

@@ -27,7 +27,7 @@ class TeacherConfig:
     path: str = "rectified_flow"  # forward process: rectified_flow, vp_discrete, vp, edm, ...
     prediction: str = "velocity"  # what the UNet predicts: velocity, eps, v, x0
     unet: DigitsUNetConfig = field(default_factory=DigitsUNetConfig)  # architecture
-    steps: int = 3000  # training steps (cached by config)
+    steps: int = 1200  # training steps (cached by config)
     batch_size: int = 128  # training batch
     lr: float = 2e-3  # AdamW learning rate
     cond_dropout: float = 0.1  # label dropout so CFG has an unconditional score
@@ -52,6 +52,7 @@ class DigitsConfig:
             log_every=10,
         )
     )  # distillation loop
+    classifier_steps: int = 1500  # training steps of the cached digits classifier (FD features)
     eval_samples: int = 1000  # samples per model for the final FD / accuracy
     probe_samples: int = 200  # samples for evaluations during training
     threads: int = 0  # torch CPU threads (0 = torch's default)

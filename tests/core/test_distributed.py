@@ -1,0 +1,153 @@
+"""Data parallelism is exact: two CPU processes (gloo) with batch B end with the same weights
+as one process with batch 2B.
+
+This holds because every draw goes through ``batch.rng`` (a ``StepRNG`` that draws for the
+global batch and keeps this rank's slice), losses are means over the local batch and the
+trainer averages each role's gradients over ranks before clipping and stepping.
+
+The workers are forked rather than spawned: they inherit the imported modules, so the test
+does not pay two fresh ``import torch`` (seconds each on a cold machine).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from fewstep.core.models import ModuleDenoiser, trainable_copy
+from fewstep.core.objectives import get_objective
+from fewstep.core.paths import make_path
+from fewstep.core.toy import ToyData, ToyMLP, toy_feature_fn
+from fewstep.core.training import TrainConfig, Trainer
+
+pytestmark = [
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()),
+        reason="needs torch.distributed with the gloo backend",
+    ),
+    pytest.mark.skipif(
+        "fork" not in mp.get_all_start_methods(), reason="needs the fork start method"
+    ),
+    pytest.mark.usefixtures("single_thread"),
+]
+
+WORLD = 2
+BATCH = 8  # per process; the single process gets WORLD * BATCH
+STEPS = 4
+CASES = {  # label: (objective, objective config)
+    # two roles on a schedule, backward simulation (a draw shared by the global batch)
+    "dmd2": ("dmd2", {"fake_updates_per_student": 2, "student_steps": 2}),
+    # a GAN head on the fake score's features, trained on real data
+    "dmd2_gan": ("dmd2", {"fake_updates_per_student": 2, "gan_weight": 0.1}),
+    # real data, an EMA target updated in after_update
+    "consistency": ("consistency", {}),
+}
+
+
+def _run(label: str, out_dir: Path, batch_size: int) -> dict[str, torch.Tensor]:
+    name, objective_cfg = CASES[label]
+    torch.manual_seed(0)
+    net = ToyMLP(hidden=16, time_dim=8, depth=2)
+    teacher = ModuleDenoiser(
+        net, make_path("rectified_flow"), "velocity", feature_fn=toy_feature_fn
+    )
+    teacher.requires_grad_(False).eval()
+    cls = get_objective(name)
+    objective = cls(teacher, cls.config_cls(**objective_cfg))
+    config = TrainConfig(
+        steps=STEPS,
+        batch_size=batch_size,
+        lr=1e-2,
+        grad_clip=0.5,
+        log_every=1,
+        checkpoint_every=2,
+        progress=False,
+        seed=5,
+    )
+    trainer = Trainer(objective, trainable_copy(teacher), ToyData(), config, out_dir)
+    start = [p.detach().clone() for p in trainer.roles["student"].parameters()]
+    trainer.fit()
+    end = trainer.roles["student"].parameters()
+    if all(torch.equal(a, b) for a, b in zip(start, end, strict=True)):
+        raise AssertionError(f"{label}: the student never moved; the comparison proves nothing")
+    return {
+        f"{role}.{k}": v.detach().clone()
+        for role, module in trainer.checkpoint_modules().items()
+        for k, v in module.state_dict().items()
+    }
+
+
+def _worker(rank: int, port: int, root: str) -> None:
+    code = 0
+    try:
+        torch.set_num_threads(1)
+        os.environ.update(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(WORLD),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        for label in CASES:
+            state = _run(label, Path(root) / f"{label}_ddp", BATCH)
+            save_file(state, os.path.join(root, f"{label}_rank{rank}.safetensors"))
+    except BaseException:
+        Path(root, f"error_rank{rank}.txt").write_text(traceback.format_exc())
+        code = 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # skip the parent's (pytest's) exit handlers in the fork
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_with_the_global_batch(tmp_path, monkeypatch):
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    # Build one optimizer first: the first AdamW imports torch._dynamo, which the forks then
+    # inherit instead of importing it twice more.
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+    ctx = mp.get_context("fork")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path))) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=120)
+    finally:
+        hung = [p for p in procs if p.is_alive()]
+        for p in hung:
+            p.kill()
+            p.join()
+    errors = sorted(tmp_path.glob("error_rank*.txt"))
+    assert not errors, "\n".join(e.read_text() for e in errors)
+    assert not hung, "a worker hung"
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+    # rank 0 wrote the checkpoints (and the other rank waited for them at the barriers)
+    for label in CASES:
+        assert (tmp_path / f"{label}_ddp" / "checkpoints" / "step_00000004").is_dir()
+
+    for label in CASES:
+        single = _run(label, tmp_path / f"{label}_single", WORLD * BATCH)
+        ranks = [load_file(str(tmp_path / f"{label}_rank{r}.safetensors")) for r in range(WORLD)]
+        for key, value in single.items():
+            torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0)
+            torch.testing.assert_close(ranks[0][key], value, rtol=0, atol=1e-5, msg=key)
