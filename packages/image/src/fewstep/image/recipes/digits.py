@@ -43,7 +43,7 @@ class DigitsConfig:
     guidance_scale: float = 1.0  # CFG scale of the teacher seen by the objective (1 = off)
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            steps=2000,
+            steps=3000,
             batch_size=64,
             lr=1e-4,
             ema_decay=0.99,
@@ -61,7 +61,9 @@ class DigitsConfig:
 
 def _objective_defaults(name: str) -> dict[str, Any]:
     return {
-        "dmd2": {"fake_updates_per_student": 5},
+        "dmd2": {
+            "fake_updates_per_student": 2
+        },  # enough with a critic initialised from the teacher
         "consistency": {"num_intervals": 50, "ema_decay": 0.95},
     }.get(name, {})
 
