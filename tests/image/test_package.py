@@ -1,0 +1,5 @@
+from fewstep.core.testing import check_domain_package
+
+
+def test_package_installs_on_core():
+    check_domain_package("image")
