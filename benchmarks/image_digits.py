@@ -51,7 +51,7 @@ def main() -> None:
         {"recipe": RECIPE.name, "config": to_dict(cfg), "objective_config": to_dict(obj_cfg)},
     )
     t0 = time.perf_counter()
-    teacher, tinfo = load_teacher(cfg.teacher)
+    teacher, tinfo = load_teacher(cfg.teacher, progress=False)
     teacher_load_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     RECIPE.distill(cfg, obj_cfg, out)
