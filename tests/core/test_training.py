@@ -343,3 +343,37 @@ def test_evaluator_runs_at_eval_every_and_its_outputs_land(tmp_path):
     pngs = sorted(p.name for p in (tmp_path / "samples").glob("*.png"))
     assert pngs == [f"step_{s:08d}_grid.png" for s in (2, 4, 5)]
     assert trainer.sampling_denoiser() is not trainer.roles["student"]  # the EMA student
+
+
+# ---------------------------------------------------------------- mixed precision, accumulation
+
+
+def test_bf16_autocast_runs_the_objective_in_bf16(tmp_path, monkeypatch):
+    seen = []
+    real = DMD2.losses
+
+    def spy(self, roles, batch, update, step):
+        with torch.no_grad():
+            seen.append(roles["student"].net(torch.zeros(2, 2), torch.zeros(2), None).dtype)
+        return real(self, roles, batch, update, step)
+
+    monkeypatch.setattr(DMD2, "losses", spy)
+    tr = make_trainer(tmp_path, mixed_precision="bf16", steps=2)
+    tr.fit()
+    assert seen and all(d == torch.bfloat16 for d in seen)
+    assert all(p.dtype == torch.float32 for p in tr.roles["student"].parameters())
+    assert all(math.isfinite(v) for r in tr.history for k, v in r.items() if k.startswith("loss/"))
+
+
+def test_gradient_accumulation_draws_one_batch_per_micro_step(tmp_path):
+    tr = make_trainer(tmp_path, "consistency", grad_accum=3, steps=1)
+    seen = []
+    real = tr.make_batch
+
+    def spy(step, micro):
+        seen.append(micro)
+        return real(step, micro)
+
+    tr.make_batch = spy
+    tr.fit()
+    assert seen == [0, 1, 2]
