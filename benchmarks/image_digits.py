@@ -115,6 +115,8 @@ def main() -> None:
         "distill_seconds_total": distill_seconds,
         "distill_steps": cfg.train.steps,
         "run_dir": str(out),
+        "config": to_dict(cfg),
+        "objective_config": to_dict(obj_cfg),
     }
     result["fd_ratio"] = result["student_fd"][0] / result["teacher_fd"][0]
     result["throughput_ratio"] = (

@@ -15,8 +15,8 @@ from torch import nn
 
 
 def cache_root() -> Path:
-    root = os.environ.get("FEWSTEP_CACHE") or Path.home() / ".cache" / "fewstep"
-    return Path(root)
+    root = os.environ.get("FEWSTEP_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "fewstep"
 
 
 def cache_key(spec: dict) -> str:

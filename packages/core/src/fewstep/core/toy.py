@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -235,9 +234,9 @@ class ToyTeacherSpec:
 
 def toy_cache_dir() -> Path:
     """``$FEWSTEP_CACHE/toy`` if set, else ``~/.cache/fewstep/toy``."""
-    root = os.environ.get("FEWSTEP_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "fewstep"
-    return base / "toy"
+    from fewstep.core.cache import cache_root
+
+    return cache_root() / "toy"
 
 
 def _build(spec: ToyTeacherSpec) -> ModuleDenoiser:
