@@ -9,6 +9,13 @@ import torch
 
 from fewstep.core import cli
 
+# The module's run: 6 DMD2 steps, evaluated and checkpointed every 3.
+_DMD2_RUN = (
+    "--train.steps 6 --train.eval_every 3 --train.checkpoint_every 3 "
+    "--objective.fake_updates_per_student 2"
+)
+DMD2_RUN = _DMD2_RUN.split()  # noqa: SIM905
+
 
 @pytest.fixture(scope="module")
 def dmd2_run(cache_dir, tmp_path_factory, tiny):
@@ -19,14 +26,7 @@ def dmd2_run(cache_dir, tmp_path_factory, tiny):
         "--out",
         str(out),
         *tiny,
-        "--train.steps",
-        "6",
-        "--train.eval_every",
-        "3",
-        "--train.checkpoint_every",
-        "3",
-        "--objective.fake_updates_per_student",
-        "2",
+        *DMD2_RUN,
     ]
     assert cli.main(args) == 0
     return out
@@ -96,14 +96,7 @@ def test_rerun_resumes_instead_of_restarting(dmd2_run, tiny):
         "--out",
         str(dmd2_run),
         *tiny,
-        "--train.steps",
-        "6",
-        "--train.eval_every",
-        "3",
-        "--train.checkpoint_every",
-        "3",
-        "--objective.fake_updates_per_student",
-        "2",
+        *DMD2_RUN,
     ]
     assert cli.main(args) == 0
     assert (dmd2_run / "log.jsonl").read_text() == before  # no step trained again
