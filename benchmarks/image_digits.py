@@ -71,7 +71,7 @@ def main() -> None:
             ("student", student, s_sampler),
         ):
             x, nfe[name] = ev.generate(model, sampler, args.samples, seed=1000 + seed)
-            rows[name].append(ev.Scorer.score(scorer, x))
+            rows[name].append(scorer.score(x))
     speed = {"teacher": [], "student": []}
     for _ in range(3):  # alternate, so both see the same machine state
         for name, model, sampler in (

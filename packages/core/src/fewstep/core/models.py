@@ -188,6 +188,13 @@ class GuidedDenoiser(Denoiser):
         return both[1] + self._scale(x_t) * (both[0] - both[1])
 
 
+@torch.no_grad()
+def ema_update_(target: nn.Module, source: nn.Module, decay: float) -> None:
+    """target <- decay * target + (1 - decay) * source, parameter by parameter."""
+    for pt, ps in zip(target.parameters(), source.parameters(), strict=True):
+        pt.lerp_(ps.detach(), 1.0 - decay)
+
+
 def frozen_copy(module: nn.Module) -> nn.Module:
     """A deep copy with gradients off and in eval mode (teachers, EMA targets)."""
     c = copy.deepcopy(module)

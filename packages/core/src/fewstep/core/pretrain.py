@@ -8,7 +8,7 @@ import copy
 import torch
 
 from fewstep.core.batch import Batch, StepRNG
-from fewstep.core.models import Denoiser
+from fewstep.core.models import Denoiser, ema_update_
 from fewstep.core.objectives.common import denoising_loss
 
 
@@ -55,10 +55,7 @@ def train_denoiser(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        with torch.no_grad():
-            d = min(ema_decay, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
-                pe.lerp_(p, 1 - d)
+        ema_update_(ema, model, min(ema_decay, (1 + step) / (10 + step)))
         losses.append(loss.item())
         if progress and step % 50 == 0:
             it.set_postfix(loss=f"{loss.item():.4f}")

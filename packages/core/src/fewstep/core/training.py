@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from fewstep.core import checkpoint as ckpt
 from fewstep.core import distributed as D
 from fewstep.core.batch import Batch, StepRNG
-from fewstep.core.models import Denoiser, frozen_copy
+from fewstep.core.models import Denoiser, ema_update_, frozen_copy
 from fewstep.core.objectives.base import Objective
 
 log = logging.getLogger("fewstep")
@@ -213,11 +213,7 @@ class Trainer:
             self.optimizers[r].step()
         self.objective.after_update(self.roles, update, step)
         if self.ema is not None and "student" in update:
-            with torch.no_grad():
-                for pe, ps in zip(
-                    self.ema.parameters(), self.roles["student"].parameters(), strict=True
-                ):
-                    pe.lerp_(ps.detach(), 1.0 - cfg.ema_decay)
+            ema_update_(self.ema, self.roles["student"], cfg.ema_decay)
         self.step += 1
         return record
 

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from fewstep.core.models import Denoiser, _batch_t, frozen_copy
+from fewstep.core.models import Denoiser, _batch_t, ema_update_, frozen_copy
 from fewstep.core.objectives.base import Objective, ObjectiveConfig
 from fewstep.core.objectives.common import noised
 
@@ -115,10 +115,5 @@ class ConsistencyDistillation(Objective):
             loss = (pred.float() - target.float()).pow(2).mean()
         return {"student": loss}, {"consistency_loss": loss.item()}
 
-    @torch.no_grad()
     def after_update(self, roles, updated, step):
-        mu = self.config.ema_decay
-        for p_t, p_s in zip(
-            roles["target"].parameters(), roles["student"].parameters(), strict=True
-        ):
-            p_t.lerp_(p_s.detach(), 1.0 - mu)
+        ema_update_(roles["target"], roles["student"], self.config.ema_decay)

@@ -79,7 +79,7 @@ class DMD2(Objective):
         score = trainable_copy(_unguided(self.teacher))
         critic = nn.ModuleDict({"score": score})
         if self.config.gan_weight > 0:
-            x = torch.zeros(1, *_sample_shape(example, student), device=example.rng.device)
+            x = torch.zeros(1, *_sample_shape(example), device=example.rng.device)
             cond = _first(example.cond)
             t = self.path.fraction_to_t(0.5).to(x.device).expand(1)
             with torch.no_grad():
@@ -96,7 +96,7 @@ class DMD2(Objective):
         """Student samples with gradient; multi-step students start from a backward-simulated
         state at a random step of their own sampler."""
         sampler = self.student_sampler()
-        noise = batch.rng.randn(*_sample_shape(batch, student))
+        noise = batch.rng.randn(*_sample_shape(batch))
         times = sampler.native_times(self.path)
         k = 0
         if len(times) > 1 and self.config.backward_simulation:
@@ -160,7 +160,7 @@ def _unguided(d: Denoiser) -> Denoiser:
     return getattr(d, "base", d)
 
 
-def _sample_shape(batch: Batch, student: Denoiser) -> tuple[int, ...]:
+def _sample_shape(batch: Batch) -> tuple[int, ...]:
     shape = batch.extras.get("sample_shape")
     if shape is None and batch.x is not None:
         shape = tuple(batch.x.shape[1:])
