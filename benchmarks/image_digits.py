@@ -7,7 +7,7 @@ Trains the teacher (timed; with --fresh-cache in an empty cache so the time is r
 distils with the recipe's defaults (timed), then over ``--seeds`` noise seeds generates
 1,000 samples from each and reports FD on the digits classifier's features (mean +- sd),
 classifier accuracy on the requested classes, and samples/s measured alternately on the same
-machine. Writes benchmarks/results/image_digits[_OBJECTIVE].json and prints a markdown table.
+machine. Writes benchmarks/results/image_digits_OBJECTIVE[_TAG].json and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--fresh-cache", action="store_true", help="retrain teacher to time it")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--tag", default="", help="suffix of the result file, for variant runs")
     args, rest = ap.parse_known_args()
     if args.fresh_cache:
         os.environ["FEWSTEP_CACHE"] = tempfile.mkdtemp(prefix="fewstep-bench-cache-")
@@ -122,7 +123,7 @@ def main() -> None:
     result["throughput_ratio"] = (
         result["student_samples_per_second"] / result["teacher_samples_per_second"]
     )
-    dest = Path(__file__).parent / "results" / f"image_digits_{args.objective}.json"
+    dest = Path(__file__).parent / "results" / f"image_digits_{args.objective}{'_' + args.tag if args.tag else ''}.json"
     atomic_write_json(dest, result)
     f = result
     print(json.dumps(f, indent=2))

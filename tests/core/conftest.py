@@ -51,3 +51,16 @@ def vp_teacher():
 def checkerboard_teacher():
     """Rectified-flow velocity teacher on the 4x4 checkerboard."""
     return _teacher("rectified_flow", "velocity", "checkerboard")
+
+
+@pytest.fixture(scope="session")
+def vp_checkerboard_teacher():
+    """Discrete-VP (Stable Diffusion betas) eps teacher on the 4x4 checkerboard."""
+    return _teacher("vp_discrete", "eps", "checkerboard", path_kwargs=SD_SCHEDULE)
+
+
+@pytest.fixture(scope="session")
+def cond_rf_teacher():
+    """Class-conditional rectified-flow velocity teacher on the ring: label k = mode k,
+    label 8 = null (trained with 10 % null labels, so it can be guided)."""
+    return _teacher("rectified_flow", "velocity", "mixture", conditional=True)

@@ -11,27 +11,15 @@ that the same criterion then fails, so a silently broken objective cannot pass.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import pytest
-import torch
 
-from fewstep.core.metrics import mode_coverage, sliced_wasserstein
-from fewstep.core.models import trainable_copy
 from fewstep.core.objectives import consistency as consistency_mod
 from fewstep.core.objectives import dmd2 as dmd2_mod
-from fewstep.core.objectives import get_objective
 from fewstep.core.objectives.common import noised
-from fewstep.core.samplers import EulerSampler
-from fewstep.core.toy import ToyData, mixture_centers
-from fewstep.core.training import NonFiniteLossError, TrainConfig, Trainer
+from fewstep.core.suite2d import MIN_MODES, distil
+from fewstep.core.training import NonFiniteLossError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-N_EVAL = 4000  # samples per set: the SW between two teacher sample sets is ~0.08 at this size
-COVER_RADIUS = 0.5  # a sample hits a mode within 5 mode-stds of its centre
-MIN_MODES = 6  # of 8
 
 # Budgets: (objective config, train config), each a few seconds on one CPU core. The eps
 # student gets a smaller learning rate because its x0 = (x - sigma eps) / alpha at t_max
@@ -50,49 +38,6 @@ DMD2_RF_2STEP = (
 )
 CD_CFG = {"num_intervals": 10, "metric": "l2"}
 CD = dict(steps=400, batch_size=128, lr=1e-3, ema_decay=0.95)
-
-
-@dataclass
-class Outcome:
-    before: float  # SW(untrained student, teacher)
-    after: float  # SW(distilled EMA student, teacher)
-    covered: int  # modes of the ring the distilled student covers
-    history: list
-
-    def learned(self, ratio: float = 0.5) -> bool:
-        return self.after < ratio * self.before and self.covered >= MIN_MODES
-
-
-_REFERENCE: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _reference(teacher) -> tuple[torch.Tensor, torch.Tensor]:
-    """(noise, teacher's 50-step Euler samples from that noise), once per teacher."""
-    if id(teacher) not in _REFERENCE:
-        noise = torch.randn(N_EVAL, 2, generator=torch.Generator().manual_seed(1234))
-        _REFERENCE[id(teacher)] = noise, EulerSampler(50).sample(teacher, noise).x
-    return _REFERENCE[id(teacher)]
-
-
-def _student_samples(trainer: Trainer, noise: torch.Tensor) -> torch.Tensor:
-    sampler = trainer.objective.student_sampler()
-    sampler.generator = torch.Generator().manual_seed(99)  # re-noising of multi-step samplers
-    return sampler.sample(trainer.sampling_denoiser(), noise).x
-
-
-def distil(teacher, name: str, objective_cfg: dict, train_cfg: dict, out_dir, objective_cls=None):
-    cls = objective_cls or get_objective(name)
-    objective = cls(teacher, cls.config_cls(**objective_cfg))
-    config = TrainConfig(**{"progress": False, "resume": False, "log_every": 50, **train_cfg})
-    trainer = Trainer(objective, trainable_copy(teacher), ToyData("mixture"), config, out_dir)
-    noise, ref = _reference(teacher)
-    before = sliced_wasserstein(_student_samples(trainer, noise), ref)
-    history = trainer.fit()
-    x = _student_samples(trainer, noise)
-    if not torch.isfinite(x).all():
-        return Outcome(before, math.inf, 0, history)
-    covered = mode_coverage(x, mixture_centers(), COVER_RADIUS)["covered"]
-    return Outcome(before, sliced_wasserstein(x, ref), covered, history)
 
 
 # ------------------------------------------------------------------------ they learn

@@ -104,6 +104,7 @@ class ToyData:
     modes: int = 8  # mixture: number of modes
     radius: float = 2.0  # mixture: circle radius
     std: float = 0.1  # mixture: std of each mode
+    conditional: bool = False  # return the mode (mixture) / filled cell (checkerboard) index
 
     def __post_init__(self):
         if self.name not in DATASETS:
@@ -113,14 +114,20 @@ class ToyData:
     def sample_shape(self) -> tuple[int, ...]:
         return (2,)
 
-    def __call__(self, rng: StepRNG) -> tuple[Tensor, None]:
+    @property
+    def num_classes(self) -> int:
+        """Labels of the conditional variant: 0..num_classes-1 (8 for both sets)."""
+        return self.modes if self.name == "mixture" else 8
+
+    def __call__(self, rng: StepRNG) -> tuple[Tensor, Tensor | None]:
         if self.name == "mixture":
-            idx = rng.randint(0, self.modes).cpu()
-            x = _mixture(idx, rng.randn(2).cpu(), self.modes, self.radius, self.std)
+            label = rng.randint(0, self.modes).cpu()
+            x = _mixture(label, rng.randn(2).cpu(), self.modes, self.radius, self.std)
         else:
             col, row = rng.randint(0, 4).cpu(), rng.randint(0, 2).cpu()
             x = _checkerboard(col, row, rng.rand(2).cpu())
-        return x, None
+            label = 2 * col + row
+        return x, (label if self.conditional else None)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """(n, 2) samples with a plain generator (for references in evaluation)."""
@@ -225,11 +232,17 @@ class ToyTeacherSpec:
     batch_size: int = 256  # training batch
     lr: float = 2e-3  # AdamW learning rate
     path_kwargs: tuple[tuple[str, Any], ...] = ()  # extra make_path arguments, sorted by name
+    num_classes: int = 0  # > 0: class-conditional on ToyData(conditional=True) labels
+    cond_dropout: float = 0.1  # conditional only: fraction of null labels (for CFG)
 
     def key(self) -> str:
-        blob = json.dumps({**asdict(self), "version": CACHE_VERSION}, sort_keys=True)
+        fields = asdict(self)
+        if not self.num_classes:  # unconditional teachers keep their pre-conditional keys
+            del fields["num_classes"], fields["cond_dropout"]
+        blob = json.dumps({**fields, "version": CACHE_VERSION}, sort_keys=True)
         digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
-        return f"{self.data}_{self.path_name}_{self.prediction}_{self.steps}_{digest}"
+        kind = f"{self.data}_cond" if self.num_classes else self.data
+        return f"{kind}_{self.path_name}_{self.prediction}_{self.steps}_{digest}"
 
 
 def toy_cache_dir() -> Path:
@@ -240,7 +253,7 @@ def toy_cache_dir() -> Path:
 
 
 def _build(spec: ToyTeacherSpec) -> ModuleDenoiser:
-    net = ToyMLP(dim=2, hidden=spec.hidden, time_dim=spec.time_dim)
+    net = ToyMLP(dim=2, hidden=spec.hidden, time_dim=spec.time_dim, num_classes=spec.num_classes)
     path = make_path(spec.path_name, **dict(spec.path_kwargs))
     return ModuleDenoiser(net, path, spec.prediction, feature_fn=toy_feature_fn)
 
@@ -257,13 +270,16 @@ def make_toy_teacher(
     lr: float = 2e-3,
     path_kwargs: dict[str, Any] | None = None,
     progress: bool = False,
+    conditional: bool = False,
 ) -> ModuleDenoiser:
     """A frozen toy teacher (``ModuleDenoiser`` over ``ToyMLP``, eval mode, no gradients)
     trained with ``fewstep.core.pretrain.train_denoiser`` on ``data``, or loaded from the
     cache when the same spec was trained before.
 
     ``path_kwargs`` go to ``make_path`` (e.g. ``schedule="scaled_linear"`` for a discrete
-    VP path with Stable Diffusion's betas)."""
+    VP path with Stable Diffusion's betas). ``conditional`` trains on the mode / cell labels
+    of ``ToyData(data, conditional=True)`` with 10 % null labels (``net.null_class``), so the
+    teacher can be guided (``GuidedDenoiser(teacher, scale, null_cond=...)``)."""
     spec = ToyTeacherSpec(
         path_name,
         prediction,
@@ -275,8 +291,8 @@ def make_toy_teacher(
         batch_size,
         lr,
         tuple(sorted((path_kwargs or {}).items())),
+        ToyData(data).num_classes if conditional else 0,  # also validates the name
     )
-    ToyData(data)  # validates the name before any work
     file = toy_cache_dir() / f"{spec.key()}.safetensors"
     with torch.random.fork_rng(devices=[]):  # the caller's global RNG stream is untouched
         torch.manual_seed(seed)
@@ -295,7 +311,9 @@ def make_toy_teacher(
         try:
             ema, _ = train_denoiser(
                 teacher,
-                ToyData(data),
+                ToyData(data, conditional=conditional),
+                cond_dropout=spec.cond_dropout if conditional else 0.0,
+                null_cond=lambda c: torch.full_like(c, spec.num_classes),
                 steps=steps,
                 batch_size=batch_size,
                 lr=lr,

@@ -9,8 +9,9 @@ device, an optimizer, a process group or a logger: the trainer owns those.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -20,6 +21,9 @@ from fewstep.core.samplers import FewStepSampler, Sampler
 
 Losses = dict[str, Tensor]
 Logs = dict[str, float]
+# reward(x0, cond) -> (B,) scores, higher is better, differentiable in x0 (preference and
+# reward-regularised objectives; recipes supply one, e.g. a classifier's log-probability)
+Reward = Callable[[Tensor, Any], Tensor]
 
 
 @dataclass
@@ -40,10 +44,22 @@ class Objective(ABC):
     roles: ClassVar[tuple[str, ...]] = ("student",)
     frozen_roles: ClassVar[tuple[str, ...]] = ()
     needs_data: ClassVar[bool] = False  # whether batches must carry real samples x
+    needs_reward: ClassVar[bool] = False  # whether a reward function must be given
     summary: ClassVar[str] = ""
 
-    def __init__(self, teacher: Denoiser, config: ObjectiveConfig | None = None):
+    def __init__(
+        self,
+        teacher: Denoiser,
+        config: ObjectiveConfig | None = None,
+        reward: Reward | None = None,
+    ):
+        if self.needs_reward and reward is None:
+            raise ValueError(
+                f"objective {self.name!r} needs a reward function reward(x0, cond) -> (B,) "
+                "scores (higher is better); pass reward=..."
+            )
         self.teacher = teacher
+        self.reward = reward
         self.config = config if config is not None else self.config_cls()
         if not isinstance(self.config, self.config_cls):
             raise TypeError(

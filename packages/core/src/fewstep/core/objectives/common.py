@@ -1,13 +1,19 @@
-"""Small pieces shared by objectives: time draws, noising, the denoising loss."""
+"""Small pieces shared by objectives: time draws, noising, the denoising loss, student
+samples with backward simulation, one teacher ODE step, and Jacobian-vector products."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Literal
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fewstep.core.batch import Batch
 from fewstep.core.models import Denoiser
 from fewstep.core.paths import Path
+from fewstep.core.samplers import FewStepSampler
 
 
 def sample_times(path: Path, batch: Batch, frac_range: tuple[float, float] = (0.0, 1.0)) -> Tensor:
@@ -32,3 +38,104 @@ def denoising_loss(model: Denoiser, x0: Tensor, cond, batch: Batch) -> Tensor:
     x_t, eps = noised(path, x0, t, batch)
     target = path.from_x0_eps(x0, eps, model.prediction, t)
     return F.mse_loss(model(x_t, t, cond), target)
+
+
+# ------------------------------------------------------------------- batches and wrappers
+
+
+def sample_shape(batch: Batch) -> tuple[int, ...]:
+    """Shape of one sample: ``extras['sample_shape']`` (set by the trainer) or x's."""
+    shape = batch.extras.get("sample_shape")
+    if shape is None and batch.x is not None:
+        shape = tuple(batch.x.shape[1:])
+    if shape is None:
+        raise ValueError("batch needs x or extras['sample_shape'] to know the sample shape")
+    return tuple(shape)
+
+
+def first(cond):
+    """The first element of a batched condition (tensor or dict of tensors), or None."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: first(v) for k, v in cond.items()}
+    return cond[:1]
+
+
+def unguided(d: Denoiser) -> Denoiser:
+    """The conditional network under a CFG wrapper (fake scores are never guided)."""
+    return getattr(d, "base", d)
+
+
+def student_x0(
+    student: Denoiser, sampler: FewStepSampler, batch: Batch, backward_simulation: bool = True
+) -> tuple[Tensor, Tensor]:
+    """A student sample x0 (with gradient if enabled) and the time it was predicted from.
+
+    One-step students predict from pure noise. Multi-step students start, when
+    ``backward_simulation``, from their own state at a random one of their steps, reached by
+    running the student from noise without gradient (DMD2 sec. 4.4); otherwise from step 0."""
+    noise = batch.rng.randn(*sample_shape(batch))
+    times = sampler.native_times(student.path)
+    k = 0
+    if len(times) > 1 and backward_simulation:
+        k = batch.rng.shared_randint(0, len(times))
+    with torch.no_grad():
+        x_t, t, _ = sampler.rollout(student, noise, batch.cond, upto=k, fresh=batch.rng.randn_like)
+    if t is None:  # unreachable: k < len(times)
+        raise RuntimeError("backward simulation ran past the last student step")
+    t = t.expand(x_t.shape[0]).to(x_t)
+    return student.predict(x_t, t, batch.cond, kind="x0"), t
+
+
+# ------------------------------------------------------------------------------- teacher ODE
+
+Solver = Literal["euler", "heun"]
+
+
+def ode_step(
+    model: Denoiser, x: Tensor, t: Tensor, t_next: Tensor, cond, solver: Solver = "euler"
+) -> Tensor:
+    """One step of the probability-flow ODE from t to t_next (per-sample times, (B,)).
+
+    ``euler`` is DDIM (exact for any path: re-noise the predicted x0 with the predicted eps
+    at t_next); ``heun`` is Heun's second-order step on the path's velocity dx/dt."""
+    path = model.path
+    x0, eps = model.x0_eps(x, t, cond)
+    if solver == "euler":
+        return path.noise(x0, t_next, eps)
+    if solver != "heun":
+        raise ValueError(f"unknown ODE solver {solver!r}; expected 'euler' or 'heun'")
+    d = path.from_x0_eps(x0, eps, "velocity", t)
+    dt = (t_next - t).reshape(-1, *([1] * (x.ndim - 1)))
+    d2 = model.predict(x + dt * d, t_next, cond, kind="velocity")
+    return x + dt * 0.5 * (d + d2)
+
+
+# ------------------------------------------------------------------------------------ JVPs
+
+
+def jvp(
+    fn: Callable[..., Tensor],
+    primals: tuple[Tensor, ...],
+    tangents: tuple[Tensor, ...],
+    mode: Literal["exact", "finite_difference"] = "exact",
+    fd_eps: float = 1e-3,
+) -> tuple[Tensor, Tensor]:
+    """(fn(*primals), d/dh fn(primals + h tangents) at h = 0).
+
+    ``exact`` uses forward-mode AD (``torch.func.jvp``), which every network built from
+    standard torch ops supports; ``finite_difference`` uses the central difference
+    (fn(p + e v) - fn(p - e v)) / 2e, for networks with ops lacking forward-mode rules
+    (sCM, Lu & Song 2024, sec. 4, discusses both). In ``exact`` mode both outputs carry
+    gradients to the parameters; the finite-difference tangent carries none. sCM and MeanFlow
+    detach the tangent anyway (it enters a stop-gradient target)."""
+    if mode == "exact":
+        return torch.func.jvp(fn, primals, tangents)
+    if mode != "finite_difference":
+        raise ValueError(f"unknown jvp mode {mode!r}; expected 'exact' or 'finite_difference'")
+    out = fn(*primals)
+    with torch.no_grad():
+        plus = fn(*(p + fd_eps * v for p, v in zip(primals, tangents, strict=True)))
+        minus = fn(*(p - fd_eps * v for p, v in zip(primals, tangents, strict=True)))
+    return out, (plus - minus) / (2 * fd_eps)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from fewstep.core.models import Denoiser, _batch_t, ema_update_, frozen_copy
 from fewstep.core.objectives.base import Objective, ObjectiveConfig
-from fewstep.core.objectives.common import noised
+from fewstep.core.objectives.common import noised, ode_step
 
 
 @dataclass
@@ -86,15 +86,7 @@ class ConsistencyDistillation(Objective):
         return self.wrap(roles["student"])
 
     def teacher_step(self, x: Tensor, t: Tensor, t_next: Tensor, cond) -> Tensor:
-        path = self.path
-        x0, eps = self.teacher.x0_eps(x, t, cond)
-        if self.config.teacher_solver == "euler":
-            return path.noise(x0, t_next, eps)
-        d = path.from_x0_eps(x0, eps, "velocity", t)
-        dt = (t_next - t).reshape(-1, *([1] * (x.ndim - 1)))
-        x_pred = x + dt * d
-        d2 = self.teacher.predict(x_pred, t_next, cond, kind="velocity")
-        return x + dt * 0.5 * (d + d2)
+        return ode_step(self.teacher, x, t, t_next, cond, self.config.teacher_solver)
 
     def losses(self, roles, batch, update, step):
         cfg = self.config

@@ -28,7 +28,15 @@ from torch import Tensor, nn
 from fewstep.core.batch import Batch
 from fewstep.core.models import Denoiser, trainable_copy
 from fewstep.core.objectives.base import Objective, ObjectiveConfig
-from fewstep.core.objectives.common import denoising_loss, noised, sample_times
+from fewstep.core.objectives.common import (
+    denoising_loss,
+    first,
+    noised,
+    sample_shape,
+    sample_times,
+    student_x0,
+    unguided,
+)
 
 
 @dataclass
@@ -76,11 +84,11 @@ class DMD2(Objective):
         return self.config.gan_weight > 0
 
     def build_roles(self, student: Denoiser, example: Batch) -> dict[str, nn.Module]:
-        score = trainable_copy(_unguided(self.teacher))
+        score = trainable_copy(unguided(self.teacher))
         critic = nn.ModuleDict({"score": score})
         if self.config.gan_weight > 0:
-            x = torch.zeros(1, *_sample_shape(example), device=example.rng.device)
-            cond = _first(example.cond)
+            x = torch.zeros(1, *sample_shape(example), device=example.rng.device)
+            cond = first(example.cond)
             t = self.path.fraction_to_t(0.5).to(x.device).expand(1)
             with torch.no_grad():
                 width = score.features(x, t, cond).shape[1]
@@ -93,21 +101,9 @@ class DMD2(Objective):
         return ["fake_score"]
 
     def generate(self, student: Denoiser, batch: Batch) -> Tensor:
-        """Student samples with gradient; multi-step students start from a backward-simulated
-        state at a random step of their own sampler."""
-        sampler = self.student_sampler()
-        noise = batch.rng.randn(*_sample_shape(batch))
-        times = sampler.native_times(self.path)
-        k = 0
-        if len(times) > 1 and self.config.backward_simulation:
-            k = batch.rng.shared_randint(0, len(times))
-        with torch.no_grad():
-            x_t, t, _ = sampler.rollout(
-                student, noise, batch.cond, upto=k, fresh=batch.rng.randn_like
-            )
-        if t is None:  # unreachable: upto < len(times)
-            raise RuntimeError("backward simulation ran past the last student step")
-        return student.predict(x_t, t.expand(x_t.shape[0]).to(x_t), batch.cond, kind="x0")
+        """Student samples (with gradient when enabled; see ``common.student_x0``)."""
+        x, _ = student_x0(student, self.student_sampler(), batch, self.config.backward_simulation)
+        return x
 
     def losses(self, roles, batch, update, step):
         cfg = self.config
@@ -153,26 +149,3 @@ class DMD2(Objective):
                 loss = loss + cfg.gan_critic_weight * d_loss
             losses["fake_score"] = loss
         return losses, logs
-
-
-def _unguided(d: Denoiser) -> Denoiser:
-    """The conditional network under a CFG wrapper (the fake score is never guided)."""
-    return getattr(d, "base", d)
-
-
-def _sample_shape(batch: Batch) -> tuple[int, ...]:
-    shape = batch.extras.get("sample_shape")
-    if shape is None and batch.x is not None:
-        shape = tuple(batch.x.shape[1:])
-    if shape is None:
-        raise ValueError("batch needs x or extras['sample_shape'] to know the sample shape")
-    return tuple(shape)
-
-
-def _first(cond):
-    """The first element of a batched condition (tensor or dict of tensors)."""
-    if cond is None:
-        return None
-    if isinstance(cond, dict):
-        return {k: _first(v) for k, v in cond.items()}
-    return cond[:1]

@@ -1,0 +1,134 @@
+"""The 2-D objective suite: distil a toy teacher with any objective and score the student.
+
+Shared by core's tests (each objective must *learn*) and ``benchmarks/objectives.py`` (one
+table over all objectives). A run trains a trainable copy of the teacher (or a given
+student) with the ``Trainer`` and compares the student's samples with the teacher's 50-step
+Euler samples from the same noise: sliced Wasserstein distance (SW), MMD, and for the ring
+of Gaussians the number of modes covered. The untrained student (the teacher sampled in the
+student's few jumps) is the baseline every objective must beat by a wide margin.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fewstep.core.metrics import mmd, mode_coverage, sliced_wasserstein
+from fewstep.core.models import Denoiser, trainable_copy
+from fewstep.core.objectives import get_objective
+from fewstep.core.objectives.base import Reward
+from fewstep.core.samplers import EulerSampler, FewStepSampler, Sampler
+from fewstep.core.toy import ToyData, mixture_centers
+from fewstep.core.training import TrainConfig, Trainer
+
+N_EVAL = 4000  # samples per set: SW between two teacher sample sets is ~0.08 at this size
+COVER_RADIUS = 0.5  # a sample hits a mode within 5 mode-stds of its centre
+MIN_MODES = 6  # of 8: what "covers the modes" means in tests
+TEACHER_STEPS = 50  # the reference: the teacher's 50-step Euler samples
+
+
+@dataclass
+class Budget:
+    """How to distil one objective on the 2-D suite (objective and trainer settings)."""
+
+    objective: dict[str, Any] = field(default_factory=dict)  # objective config fields
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+
+
+@dataclass
+class Outcome:
+    before: float  # SW(untrained student, teacher)
+    after: float  # SW(distilled EMA student, teacher)
+    covered: int  # ring modes the distilled student covers (0 for the checkerboard)
+    history: list  # the trainer's log records
+    trainer: Trainer | None = None  # for further checks (roles, sampler, ...)
+    samples: Tensor | None = None  # the distilled student's evaluation samples
+
+    def learned(self, ratio: float = 0.5, min_modes: int = MIN_MODES) -> bool:
+        """SW fell below ``ratio`` x the untrained student's and the ring's modes are hit."""
+        return self.after < ratio * self.before and self.covered >= min_modes
+
+
+_REFERENCE: dict[tuple, tuple[Tensor, Tensor, Tensor | None]] = {}
+
+
+def eval_cond(teacher: Denoiser, n: int = N_EVAL) -> Tensor | None:
+    """Fixed evaluation labels 0..7 (repeated) for class-conditional toy teachers, else None."""
+    net = getattr(teacher, "net", None)
+    if getattr(net, "num_classes", 0) > 0:
+        return torch.arange(n) % net.num_classes
+    return None
+
+
+def reference(teacher: Denoiser, n: int = N_EVAL) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(noise, teacher's 50-step Euler samples from it, labels or None), once per teacher."""
+    key = (id(teacher), n)
+    if key not in _REFERENCE:
+        noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(1234))
+        cond = eval_cond(teacher, n)
+        with torch.no_grad():
+            ref = EulerSampler(TEACHER_STEPS).sample(teacher, noise, cond).x
+        _REFERENCE[key] = noise, ref, cond
+    return _REFERENCE[key]
+
+
+def sample_with(denoiser: Denoiser, sampler: Sampler, noise: Tensor, cond=None) -> Tensor:
+    """Samples with a fixed re-noising seed for multi-step samplers."""
+    if isinstance(sampler, FewStepSampler):
+        sampler.generator = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        return sampler.sample(denoiser, noise, cond).x
+
+
+def student_samples(trainer: Trainer, noise: Tensor, cond=None, sampler=None) -> Tensor:
+    """The (EMA) student's samples with the objective's own sampler (or ``sampler``)."""
+    sampler = sampler or trainer.objective.student_sampler()
+    return sample_with(trainer.sampling_denoiser(), sampler, noise, cond)
+
+
+def score(x: Tensor, ref: Tensor, data: str = "mixture") -> dict[str, float]:
+    """SW, MMD and (ring only) modes covered of samples ``x`` against ``ref``."""
+    if not torch.isfinite(x).all():
+        return {"sw": math.inf, "mmd": math.inf, "covered": 0}
+    covered = 0
+    if data == "mixture":
+        covered = mode_coverage(x, mixture_centers(), COVER_RADIUS)["covered"]
+    return {"sw": sliced_wasserstein(x, ref), "mmd": mmd(x, ref), "covered": covered}
+
+
+def distil(
+    teacher: Denoiser,
+    name: str,
+    objective_cfg: dict | None = None,
+    train_cfg: dict | None = None,
+    out_dir: str | Path = ".",
+    objective_cls=None,
+    data: str = "mixture",
+    student: Denoiser | None = None,
+    reward: Reward | None = None,
+) -> Outcome:
+    """Distil ``teacher`` with objective ``name`` (or ``objective_cls``) on toy ``data`` and
+    score the EMA student against the teacher's reference samples."""
+    cls = objective_cls or get_objective(name)
+    kwargs = {"reward": reward} if reward is not None else {}
+    objective = cls(teacher, cls.config_cls(**(objective_cfg or {})), **kwargs)
+    config = TrainConfig(**{"progress": False, "resume": False, "log_every": 50, **train_cfg})
+    conditional = eval_cond(teacher) is not None
+    trainer = Trainer(
+        objective,
+        student if student is not None else trainable_copy(teacher),
+        ToyData(data, conditional=conditional),
+        config,
+        out_dir,
+    )
+    noise, ref, cond = reference(teacher)
+    before = score(student_samples(trainer, noise, cond), ref, data)["sw"]
+    history = trainer.fit()
+    x = student_samples(trainer, noise, cond)
+    s = score(x, ref, data)
+    return Outcome(before, s["sw"], s["covered"], history, trainer, x)
