@@ -42,7 +42,7 @@ def main() -> None:
     from fewstep.core.io import atomic_write_json
     from fewstep.core.metrics import time_per_sample
     from fewstep.image import digits_eval as ev
-    from fewstep.image.recipes.digits import RECIPE, _trained_steps
+    from fewstep.image.recipes.digits import RECIPE
     from fewstep.image.teacher import guided, load_teacher, teacher_sampler
 
     cfg, obj_cfg = resolve(RECIPE, {"objective": args.objective, **parse_overrides(rest)})
@@ -58,10 +58,7 @@ def main() -> None:
     RECIPE.distill(cfg, obj_cfg, out)
     distill_seconds = time.perf_counter() - t0
 
-    from fewstep.core.samplers import FewStepSampler
-
-    student, _ = ev.load_student(out)
-    s_sampler = FewStepSampler.uniform(_trained_steps(out))
+    student, _, s_sampler = ev.load_student(out)
     gteacher, t_sampler = guided(teacher, cfg.guidance_scale), teacher_sampler(cfg.teacher)
     scorer = ev.Scorer(cfg.classifier_steps)
     rows = {"teacher": [], "student": []}
@@ -123,7 +120,11 @@ def main() -> None:
     result["throughput_ratio"] = (
         result["student_samples_per_second"] / result["teacher_samples_per_second"]
     )
-    dest = Path(__file__).parent / "results" / f"image_digits_{args.objective}{'_' + args.tag if args.tag else ''}.json"
+    dest = (
+        Path(__file__).parent
+        / "results"
+        / f"image_digits_{args.objective}{'_' + args.tag if args.tag else ''}.json"
+    )
     atomic_write_json(dest, result)
     f = result
     print(json.dumps(f, indent=2))

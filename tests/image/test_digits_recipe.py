@@ -73,7 +73,7 @@ def test_student_folder_loads_in_diffusers_and_matches_run(dmd2_run):
     ema = load_file(str(latest_checkpoint(dmd2_run / "checkpoints") / "weights.safetensors"))
     for k, v in unet.state_dict().items():
         assert torch.equal(v, ema[f"student_ema.unet.{k}"]), k
-    student, _ = load_student(dmd2_run)
+    student, _, _ = load_student(dmd2_run)
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         out = student.predict(x, torch.ones(3), torch.tensor([1, 2, 3]))

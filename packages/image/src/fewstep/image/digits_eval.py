@@ -149,44 +149,80 @@ def final_metrics(cfg, teacher, student, student_sampler, out_dir: Path | None) 
 
 
 def save_student(out_dir: Path, trainer, cfg) -> Path:
-    """The EMA student as a diffusers folder plus fewstep's sampling metadata."""
-    from fewstep.core.io import atomic_write_json
+    """The EMA student plus fewstep's sampling metadata in ``out_dir/student``.
+
+    A student that is still a plain diffusers UNet is saved as a diffusers folder (loadable
+    with ``UNet2DModel.from_pretrained``); a student the objective restructured (LoRA,
+    adapters, experts, a second time input, ...) is saved as ``student.safetensors`` holding
+    the student role's state, rebuilt on load by the objective from the teacher."""
+    from safetensors.torch import save
+
+    from fewstep.core.io import atomic_write_bytes, atomic_write_json
+    from fewstep.core.models import DiffusersUNetDenoiser
 
     folder = Path(out_dir) / "student"
     ema = trainer.ema if trainer.ema is not None else trainer.roles["student"]
-    ema.unet.save_pretrained(folder, safe_serialization=True)
-    atomic_write_json(
-        folder / "fewstep.json",
-        {
-            "path": ema.path.name,
-            "prediction": ema.prediction,
-            "objective": trainer.objective.name,
-        },
-    )
+    if isinstance(ema, DiffusersUNetDenoiser):
+        ema.unet.save_pretrained(folder, safe_serialization=True)
+        fmt = "diffusers"
+    else:
+        state = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
+        atomic_write_bytes(folder / STUDENT_FILE, save(state))
+        fmt = "fewstep"
+    meta = {"format": fmt, "objective": trainer.objective.name}
+    meta.update(path=ema.path.name, prediction=ema.prediction)
+    atomic_write_json(folder / "fewstep.json", meta)
     return folder
 
 
-def load_student(run_dir: Path):
-    """(student denoiser ready to sample, recipe config) from a run folder."""
-    from diffusers import UNet2DModel
+STUDENT_FILE = "student.safetensors"
+
+
+def load_student(run_dir: Path, steps: int | None = None):
+    """(student denoiser ready to sample, recipe config, student sampler) from a run folder;
+    ``steps`` overrides the number of student steps the sampler takes."""
+    import dataclasses
 
     from fewstep.core.cli import RUN_CONFIG
     from fewstep.core.config import from_dict
-    from fewstep.core.models import DiffusersUNetDenoiser
-    from fewstep.core.objectives import get_objective
-    from fewstep.core.paths import make_path
-    from fewstep.image.recipes.digits import DigitsConfig
+    from fewstep.image.recipes.digits import DigitsConfig, make_objective
+    from fewstep.image.teacher import load_teacher
 
     run_dir = Path(run_dir)
     resolved = json.loads((run_dir / RUN_CONFIG).read_text())
     cfg = from_dict(DigitsConfig, resolved["config"])
     meta = json.loads((run_dir / "student" / "fewstep.json").read_text())
-    unet = UNet2DModel.from_pretrained(run_dir / "student", low_cpu_mem_usage=False)
-    unet = unet.eval().requires_grad_(False)
-    den = DiffusersUNetDenoiser(unet, make_path(meta["path"]), meta["prediction"])
-    obj_cls = get_objective(meta["objective"])
-    obj = obj_cls(den, from_dict(obj_cls.config_cls, resolved["objective_config"]))
-    return obj.student_denoiser({"student": den}), cfg
+    teacher, _ = load_teacher(cfg.teacher, progress=False)
+    obj = make_objective(cfg, teacher, resolved["objective_config"], with_reward=False)
+    if steps is not None:
+        obj.config = dataclasses.replace(obj.config, student_steps=steps, student_times=())
+    if meta.get("format", "diffusers") == "diffusers":
+        from diffusers import UNet2DModel
+
+        from fewstep.core.models import DiffusersUNetDenoiser
+        from fewstep.core.paths import make_path
+
+        unet = UNet2DModel.from_pretrained(run_dir / "student", low_cpu_mem_usage=False)
+        student = DiffusersUNetDenoiser(unet, make_path(meta["path"]), meta["prediction"])
+    else:
+        from safetensors.torch import load_file
+
+        from fewstep.core.models import trainable_copy
+
+        student = obj.build_roles(trainable_copy(teacher), example_batch())["student"]
+        student.load_state_dict(load_file(str(run_dir / "student" / STUDENT_FILE)))
+    student = student.eval().requires_grad_(False)
+    return obj.student_denoiser({"student": student}), cfg, obj.student_sampler()
+
+
+def example_batch(n: int = 2):
+    """A small real batch (for objectives that size their roles from one)."""
+    from fewstep.core.batch import Batch, StepRNG
+    from fewstep.image.digits import load_digits_tensors
+
+    x, y = load_digits_tensors()
+    rng = StepRNG(0, 0, 0, n, 0, n)
+    return Batch(x[:n], y[:n], rng, extras={"sample_shape": tuple(x.shape[1:])})
 
 
 def write_report(run_dir: Path) -> Path:

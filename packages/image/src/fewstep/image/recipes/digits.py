@@ -7,7 +7,6 @@ resolved config, ``metrics.json``, sample grids and ``report.html``.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from fewstep.core.training import TrainConfig
 from fewstep.image.unet import DigitsUNetConfig
 
-SUPPORTED = ("dmd2", "consistency")
+# Objectives that do not apply to this recipe, and why (every other registered one does).
 UNSUPPORTED_WHY: dict[str, str] = {}
 
 
@@ -53,6 +52,7 @@ class DigitsConfig:
         )
     )  # distillation loop
     classifier_steps: int = 1500  # training steps of the cached digits classifier (FD features)
+    reward_classifier_steps: int = 1000  # reward objectives: a second classifier (not the FD one)
     eval_samples: int = 1000  # samples per model for the final FD / accuracy
     probe_samples: int = 200  # samples for evaluations during training
     threads: int = 0  # torch CPU threads (0 = torch's default)
@@ -72,10 +72,15 @@ class DigitsRecipe:
     name = "image-digits"
     summary = "8x8 digits: class-conditional UNet teacher -> 1-step student"
     config_cls = DigitsConfig
-    supported_objectives = SUPPORTED
+
+    @property
+    def supported_objectives(self) -> tuple[str, ...]:
+        from fewstep.core.objectives import objective_names
+
+        return tuple(n for n in objective_names() if n not in UNSUPPORTED_WHY)
 
     def unsupported_reason(self, name: str) -> str:
-        return UNSUPPORTED_WHY.get(name, "not wired into the digits recipe yet")
+        return UNSUPPORTED_WHY.get(name, "not a registered objective")
 
     def objective_defaults(self, objective: str) -> dict[str, Any]:
         return _objective_defaults(objective)
@@ -83,18 +88,17 @@ class DigitsRecipe:
     # ---------------------------------------------------------------------------------
     def distill(self, cfg: DigitsConfig, obj_cfg, out_dir: Path) -> dict:
         from fewstep.core.models import trainable_copy
-        from fewstep.core.objectives import get_objective
         from fewstep.core.training import TensorData, Trainer
         from fewstep.image import digits_eval as ev
         from fewstep.image.digits import load_digits_tensors
-        from fewstep.image.teacher import guided, load_teacher
+        from fewstep.image.teacher import load_teacher
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         out_dir = Path(out_dir)
         x, y = load_digits_tensors()
         teacher, tinfo = load_teacher(cfg.teacher, progress=cfg.train.progress)
-        objective = get_objective(cfg.objective)(guided(teacher, cfg.guidance_scale), obj_cfg)
+        objective = make_objective(cfg, teacher, obj_cfg)
         student = trainable_copy(teacher)
         probe = ev.Probe(cfg, teacher)
         t0 = time.perf_counter()
@@ -130,26 +134,21 @@ class DigitsRecipe:
 
     def sample(self, run_dir: Path, n: int, out: Path | None, steps: int | None = None) -> Path:
         from fewstep.core.report import save_image_grid
-        from fewstep.core.samplers import FewStepSampler
         from fewstep.image.digits_eval import load_student
 
-        student, cfg = load_student(run_dir)
-        sampler = FewStepSampler.uniform(steps or _trained_steps(run_dir))
+        student, cfg, sampler = load_student(run_dir, steps)
         g = torch.Generator().manual_seed(0)
         labels = torch.arange(n) % 10
-        x = sampler.sample(student, torch.randn(n, 1, 8, 8, generator=g), labels).x
-        out = out or Path(run_dir) / f"samples_{n}x{steps or _trained_steps(run_dir)}step.png"
-        return save_image_grid(out, x, nrow=10, upscale=4)
+        s = sampler.sample(student, torch.randn(n, 1, 8, 8, generator=g), labels)
+        out = out or Path(run_dir) / f"samples_{n}x{s.nfe}nfe.png"
+        return save_image_grid(out, s.x, nrow=10, upscale=4)
 
     def evaluate(self, run_dir: Path) -> dict:
-        from fewstep.core.samplers import FewStepSampler
         from fewstep.image import digits_eval as ev
-        from fewstep.image.digits_eval import load_student
         from fewstep.image.teacher import load_teacher
 
-        student, cfg = load_student(run_dir)
+        student, cfg, sampler = ev.load_student(run_dir)
         teacher, _ = load_teacher(cfg.teacher)
-        sampler = FewStepSampler.uniform(_trained_steps(run_dir))
         return ev.final_metrics(cfg, teacher, student, sampler, None)
 
     def report(self, run_dir: Path) -> Path:
@@ -158,9 +157,41 @@ class DigitsRecipe:
         return write_report(Path(run_dir))
 
 
-def _trained_steps(run_dir: Path) -> int:
-    obj = json.loads((Path(run_dir) / "config.json").read_text())["objective_config"]
-    return len(obj.get("student_times") or ()) or int(obj.get("student_steps", 1))
+def make_objective(cfg: DigitsConfig, teacher, obj_cfg, with_reward: bool = True):
+    """The configured objective on the (guided) teacher; reward objectives get the log-
+    probability of the requested digit under a second classifier (not the FD one)."""
+    from fewstep.core.config import from_dict
+    from fewstep.core.objectives import get_objective
+    from fewstep.image.teacher import guided
+
+    cls = get_objective(cfg.objective)
+    if isinstance(obj_cfg, dict):
+        obj_cfg = from_dict(cls.config_cls, obj_cfg)
+    kwargs = {}
+    if cls.needs_reward:
+        kwargs["reward"] = (
+            ClassifierReward(cfg.reward_classifier_steps) if with_reward else _no_reward
+        )
+    return cls(guided(teacher, cfg.guidance_scale), obj_cfg, **kwargs)
+
+
+class ClassifierReward:
+    """reward(x0, labels) = log p(label | x0) under a cached digits classifier; differentiable
+    in x0 (the classifier is frozen)."""
+
+    def __init__(self, steps: int):
+        from fewstep.image.classifier import load_classifier
+
+        self.clf, _ = load_classifier(steps=steps, seed=1)
+
+    def __call__(self, x0, labels):
+        self.clf.to(x0.device)
+        logp = torch.log_softmax(self.clf(x0.float()), dim=1)
+        return logp.gather(1, labels.long().view(-1, 1)).squeeze(1)
+
+
+def _no_reward(x0, cond):
+    raise RuntimeError("this objective was rebuilt for sampling only; it has no reward")
 
 
 RECIPE = DigitsRecipe()

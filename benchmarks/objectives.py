@@ -1,0 +1,199 @@
+"""Benchmark: every objective on the 2-D suite, one table.
+
+    uv run --package fewstep-core python benchmarks/objectives.py
+        [--objectives dmd2 sid ...] [--teachers rf_mixture vp_mixture ...] [--nfe 1 2 4]
+
+For each objective and toy teacher (rectified flow / discrete VP, ring of Gaussians /
+checkerboard) a student is distilled per NFE in 1/2/4 with the objective's suite budget
+(``fewstep.core.suite2d.BUDGETS``, the same budgets core's tests use) and scored against
+the teacher's 50-step Euler samples from the same noise: sliced Wasserstein (SW), MMD, modes
+covered (ring), wall time to train, and peak memory. Each objective runs in a fresh
+process, so its peak resident memory is its own; the table reports it above a process that
+only loaded the teachers. Objectives whose budget says an NFE is not meaningful for them
+(e.g. compression objectives sampled with the teacher's sampler) report their native NFE
+once. The untrained student (the teacher in k jumps) is the first row per teacher.
+
+Writes benchmarks/results/objectives_2d.json and prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+TEACHERS = {  # name -> make_toy_teacher arguments (the test suite's teachers)
+    "rf_mixture": ("rectified_flow", "velocity", "mixture", {}),
+    "vp_mixture": ("vp_discrete", "eps", "mixture", {"schedule": "scaled_linear"}),
+    "rf_checkerboard": ("rectified_flow", "velocity", "checkerboard", {}),
+    "vp_checkerboard": ("vp_discrete", "eps", "checkerboard", {"schedule": "scaled_linear"}),
+}
+SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012}
+TEACHER_STEPS = 1500  # as in tests/core/conftest.py
+
+
+def _teacher(name: str, conditional: bool = False):
+    import torch
+
+    from fewstep.core.toy import make_toy_teacher
+
+    path, pred, data, kw = TEACHERS[name]
+    if kw:
+        kw = {**kw, **SD_BETAS}
+    torch.set_num_threads(1)
+    return make_toy_teacher(
+        path, pred, data, steps=TEACHER_STEPS, path_kwargs=kw or None, conditional=conditional
+    ), data
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _baseline(teachers: list[str]) -> dict:
+    """Peak RSS of a process that loaded the teachers and their references, and the
+    untrained students' scores (the teacher sampled in k jumps)."""
+    from fewstep.core.samplers import FewStepSampler
+    from fewstep.core.suite2d import reference, sample_with, score
+
+    rows = []
+    for name in teachers:
+        teacher, data = _teacher(name)
+        noise, ref, cond = reference(teacher)
+        for k in (1, 2, 4):
+            x = sample_with(teacher, FewStepSampler.uniform(k), noise, cond)
+            rows.append(
+                {"teacher": name, "objective": "(untrained)", "nfe": k, **score(x, ref, data)}
+            )
+    return {"rss_mb": _rss_mb(), "rows": rows}
+
+
+def _run_objective(name: str, teachers: list[str], nfes: list[int]) -> dict:
+    """Distil ``name`` on each teacher at each NFE; rows plus this process's peak RSS."""
+    import torch
+
+    from fewstep.core.suite2d import BUDGETS, REWARDS, distil
+
+    budget = BUDGETS[name]
+    reward = REWARDS[budget.reward] if budget.reward else None
+    ks = [k for k in budget.nfe if k in nfes] if budget.vary_steps else list(budget.nfe)
+    rows = []
+    for tname in teachers:
+        teacher, data = _teacher(tname, conditional=budget.conditional)
+        for k in ks:
+            obj_cfg, train_cfg = budget.configs(k)
+            torch.manual_seed(0)
+            t0 = time.perf_counter()
+            row = {"teacher": tname, "objective": name, "nfe": k}
+            try:
+                with tempfile.TemporaryDirectory() as out:
+                    o = distil(
+                        teacher,
+                        name,
+                        obj_cfg,
+                        train_cfg,
+                        out,
+                        data=data,
+                        reward=reward,
+                        with_mmd=True,
+                    )
+            except Exception as err:  # one broken objective must not hide the others
+                rows.append({**row, "error": repr(err)})
+                continue
+            rows.append(
+                {
+                    **row,
+                    "sw": o.after,
+                    "sw_untrained": o.before,
+                    "mmd": o.mmd,
+                    "covered": o.covered,
+                    "train_seconds": time.perf_counter() - t0,
+                    "steps": train_cfg.get("steps"),
+                }
+            )
+    return {"objective": name, "rss_mb": _rss_mb(), "rows": rows}
+
+
+def main() -> None:
+    from fewstep.core.suite2d import BUDGETS
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--objectives", nargs="*", default=sorted(BUDGETS))
+    ap.add_argument("--teachers", nargs="*", default=list(TEACHERS))
+    ap.add_argument("--nfe", nargs="*", type=int, default=[1, 2, 4])
+    ap.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "objectives_2d.json"
+    )
+    args = ap.parse_args()
+    unknown = set(args.objectives) - set(BUDGETS)
+    if unknown:
+        raise SystemExit(f"no suite budget for {sorted(unknown)}; known: {sorted(BUDGETS)}")
+
+    ctx = get_context("spawn")
+    t_all = time.perf_counter()
+    with ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1) as pool:
+        base = pool.submit(_baseline, args.teachers).result()
+    results = []
+    for name in args.objectives:
+        with ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1) as pool:
+            r = pool.submit(_run_objective, name, args.teachers, args.nfe).result()
+        r["peak_mb_above_baseline"] = max(0.0, r["rss_mb"] - base["rss_mb"])
+        results.append(r)
+        print(f"{name}: done ({len(r['rows'])} runs)", flush=True)
+    import torch
+
+    payload = {
+        "machine": {
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "threads": 1,
+        },
+        "total_seconds": time.perf_counter() - t_all,
+        "baseline": base,
+        "objectives": results,
+    }
+    from fewstep.core.io import atomic_write_json
+
+    atomic_write_json(args.out, payload)
+    print(markdown(payload))
+
+
+def markdown(payload: dict) -> str:
+    lines = []
+    teachers = sorted({r["teacher"] for r in payload["baseline"]["rows"]})
+    for t in teachers:
+        lines += [
+            f"\n### {t}\n",
+            "| objective | NFE | SW | MMD | modes | train s | peak MB |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in payload["baseline"]["rows"]:
+            if r["teacher"] == t:
+                lines.append(
+                    f"| (untrained) | {r['nfe']} | {r['sw']:.3f} | {r['mmd']:.4f} | "
+                    f"{r['covered']} | - | - |"
+                )
+        for obj in payload["objectives"]:
+            for r in obj["rows"]:
+                if r["teacher"] != t:
+                    continue
+                if "error" in r:
+                    lines.append(f"| {r['objective']} | {r['nfe']} | error: {r['error'][:60]} |")
+                    continue
+                lines.append(
+                    f"| {r['objective']} | {r['nfe']} | {r['sw']:.3f} | {r['mmd']:.4f} | "
+                    f"{r['covered']} | {r['train_seconds']:.1f} | "
+                    f"{obj['peak_mb_above_baseline']:.0f} |"
+                )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
