@@ -22,6 +22,7 @@ from fewstep.core.metrics import mmd, mode_coverage, sliced_wasserstein
 from fewstep.core.models import Denoiser, trainable_copy
 from fewstep.core.objectives import get_objective
 from fewstep.core.objectives.base import Reward
+from fewstep.core.objectives.common import unguided
 from fewstep.core.samplers import EulerSampler, FewStepSampler, Sampler
 from fewstep.core.toy import ToyData, mixture_centers
 from fewstep.core.training import TrainConfig, Trainer
@@ -81,7 +82,7 @@ _REFERENCE: dict[tuple, tuple[Tensor, Tensor, Tensor | None]] = {}
 
 def eval_cond(teacher: Denoiser, n: int = N_EVAL) -> Tensor | None:
     """Fixed evaluation labels 0..7 (repeated) for class-conditional toy teachers, else None."""
-    net = getattr(teacher, "net", None)
+    net = getattr(unguided(teacher), "net", None)
     if getattr(net, "num_classes", 0) > 0:
         return torch.arange(n) % net.num_classes
     return None
