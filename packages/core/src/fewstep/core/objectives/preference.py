@@ -1,0 +1,119 @@
+"""Pieces shared by the preference objectives (PSO, Distillation-DPO, Flash-DMD's reward term):
+checked reward calls, win/lose pairs of student samples, and the DPO logistic.
+
+Pairs follow Diffusion-DPO (Wallace et al., "Diffusion Model Alignment Using Direct Preference
+Optimization", CVPR 2024): for each condition two samples are drawn, the reward ranks them, and
+the Bradley-Terry likelihood sigma(beta * margin) of the observed ranking is maximised, where
+the margin is a difference of implicit rewards (log-likelihood ratios to a reference model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fewstep.core.batch import Batch
+from fewstep.core.models import Denoiser
+from fewstep.core.objectives.common import sample_shape
+from fewstep.core.samplers import FewStepSampler
+
+Reward = Callable[[Tensor, Any], Tensor]
+
+
+def call_reward(reward: Reward | None, x0: Tensor, cond: Any, who: str) -> Tensor:
+    """``reward(x0, cond)`` checked to be finite scores of shape (B,)."""
+    if reward is None:
+        raise ValueError(
+            f"{who} needs a reward function reward(x0, cond) -> (B,) scores (higher is better)"
+        )
+    r = reward(x0, cond)
+    if not isinstance(r, Tensor) or r.shape != (x0.shape[0],):
+        got = tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__
+        raise ValueError(f"{who}: reward must return a tensor of shape ({x0.shape[0]},), got {got}")
+    if not torch.isfinite(r.detach()).all():
+        raise ValueError(f"{who}: reward returned non-finite scores")
+    return r
+
+
+def repeat_cond(cond: Any, n: int = 2) -> Any:
+    """A batched condition (tensor, dict of tensors, or None) repeated ``n`` times along the
+    batch: sample i of copy k sits at row k * B + i."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: repeat_cond(v, n) for k, v in cond.items()}
+    if isinstance(cond, Tensor):
+        return torch.cat([cond] * n, dim=0)
+    raise TypeError(f"cannot repeat a condition of type {type(cond).__name__}")
+
+
+def rank_pairs(x_a: Tensor, x_b: Tensor, r_a: Tensor, r_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Order each pair (x_a[i], x_b[i]) by reward: (x_win, x_lose, a_won (B,) bool).
+
+    Ties go to ``x_a``. Works on tensors with or without gradient."""
+    a_won = r_a >= r_b
+    m = a_won.reshape(-1, *([1] * (x_a.ndim - 1)))
+    return torch.where(m, x_a, x_b), torch.where(m, x_b, x_a), a_won
+
+
+def dpo_logistic(margin: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """DPO's Bradley-Terry loss -log sigma(beta * margin) per pair and its derivative
+    magnitude beta * sigma(-beta * margin) (the weight a pair's gradient gets; it vanishes once
+    the preferred sample's implicit reward exceeds the other's by a few 1/beta).
+
+    margin: (B,). Returns (loss (B,), weight (B,)); the weight is detached."""
+    loss = F.softplus(-beta * margin)
+    weight = (beta * torch.sigmoid(-beta * margin)).detach()
+    return loss, weight
+
+
+def per_sample_sq_error(a: Tensor, b: Tensor) -> Tensor:
+    """mean over all but the batch dimension of (a - b)^2: (B,)."""
+    return (a.float() - b.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def student_pairs(
+    student: Denoiser,
+    sampler: FewStepSampler,
+    batch: Batch,
+    backward_simulation: bool = True,
+) -> tuple[Tensor, Tensor, Any]:
+    """Two student samples per condition, from independent noises: (x (2B, ...), t (2B,),
+    cond repeated twice). Rows i and B + i form pair i. With gradient when enabled.
+
+    As ``common.student_x0``: a multi-step student predicts from its own state at a random one
+    of its steps (shared by the batch), reached without gradient (DMD2 backward simulation)."""
+    shape = sample_shape(batch)
+    noise = torch.cat([batch.rng.randn(*shape), batch.rng.randn(*shape)])
+    cond = repeat_cond(batch.cond)
+    times = sampler.native_times(student.path)
+    k = batch.rng.shared_randint(0, len(times)) if len(times) > 1 and backward_simulation else 0
+
+    def fresh(like):
+        return torch.cat([batch.rng.randn_like(h) for h in like.chunk(2)]).to(like)
+
+    with torch.no_grad():
+        x_t, t, _ = sampler.rollout(student, noise, cond, upto=k, fresh=fresh)
+    t = t.expand(x_t.shape[0]).to(x_t)
+    return student.predict(x_t, t, cond, kind="x0"), t, cond
+
+
+@torch.no_grad()
+def finished_samples(
+    student: Denoiser, sampler: FewStepSampler, batch: Batch, copies: int = 1
+) -> tuple[Tensor, Any]:
+    """``copies`` complete student samples per condition (every step run, no gradient):
+    (x (copies * B, ...), cond repeated ``copies`` times). Noise from the batch's generator."""
+    shape = sample_shape(batch)
+    noise = torch.cat([batch.rng.randn(*shape) for _ in range(copies)])
+    cond = repeat_cond(batch.cond, copies)
+
+    def fresh(like):
+        return torch.cat([batch.rng.randn_like(h) for h in like.chunk(copies)]).to(like)
+
+    x, _, _ = sampler.rollout(student, noise, cond, fresh=fresh)
+    return x, cond
