@@ -117,7 +117,8 @@ def final_metrics(cfg, teacher, student, student_sampler, out_dir: Path | None) 
         def fn(b):
             sampler.sample(model, _noise(b, 3).to(dev), _labels(b).to(dev))
 
-        return time_per_sample(fn, n_samples=200, batch_size=200, warmup=1, repeats=3)
+        m = min(200, n)
+        return time_per_sample(fn, n_samples=m, batch_size=m, warmup=1, repeats=3)
 
     t_speed, s_speed = timer(gteacher, tsampler), timer(student, student_sampler)
     collapse = collapse_check(sx, tx)
@@ -159,10 +160,12 @@ def save_student(out_dir: Path, trainer, cfg) -> Path:
 
     from fewstep.core.io import atomic_write_bytes, atomic_write_json
     from fewstep.core.models import DiffusersUNetDenoiser
+    from fewstep.core.objectives.common import unguided
 
     folder = Path(out_dir) / "student"
     ema = trainer.ema if trainer.ema is not None else trainer.roles["student"]
-    if isinstance(ema, DiffusersUNetDenoiser):
+    teacher_keys = set(unguided(trainer.objective.teacher).state_dict())
+    if isinstance(ema, DiffusersUNetDenoiser) and set(ema.state_dict()) == teacher_keys:
         ema.unet.save_pretrained(folder, safe_serialization=True)
         fmt = "diffusers"
     else:

@@ -53,8 +53,10 @@ def load_teacher(cfg, progress: bool = True) -> tuple[DiffusersUNetDenoiser, dic
 
 
 def guided(teacher: Denoiser, scale: float) -> Denoiser:
-    """The teacher under classifier-free guidance with the null class (scale 1 = as is)."""
-    return teacher if scale == 1.0 else GuidedDenoiser(teacher, scale, null_labels)
+    """The teacher under classifier-free guidance with the null class. At scale 1 the
+    wrapper costs one evaluation and returns the teacher's own prediction; it still tells
+    objectives that guide themselves (guidance distillation, SiD-LSG) the null condition."""
+    return GuidedDenoiser(teacher, scale, null_labels)
 
 
 def teacher_sampler(cfg):

@@ -53,11 +53,6 @@ class Objective(ABC):
         config: ObjectiveConfig | None = None,
         reward: Reward | None = None,
     ):
-        if self.needs_reward and reward is None:
-            raise ValueError(
-                f"objective {self.name!r} needs a reward function reward(x0, cond) -> (B,) "
-                "scores (higher is better); pass reward=..."
-            )
         self.teacher = teacher
         self.reward = reward
         self.config = config if config is not None else self.config_cls()
@@ -65,6 +60,11 @@ class Objective(ABC):
             raise TypeError(
                 f"{self.name} expects a {self.config_cls.__name__}, "
                 f"got {type(self.config).__name__}"
+            )
+        if self.needs_reward and reward is None:  # after config: it may depend on it
+            raise ValueError(
+                f"objective {self.name!r} needs a reward function reward(x0, cond) -> (B,) "
+                "scores (higher is better); pass reward=..."
             )
 
     @property

@@ -60,12 +60,21 @@ class DigitsConfig:
 
 
 def _objective_defaults(name: str) -> dict[str, Any]:
-    return {
-        "dmd2": {
-            "fake_updates_per_student": 2
-        },  # enough with a critic initialised from the teacher
+    import dataclasses
+
+    from fewstep.core.objectives import get_objective
+    from fewstep.image.digits import NULL_CLASS
+
+    tuned = {
+        "dmd2": {"fake_updates_per_student": 2},  # enough: the critic starts as the teacher
         "consistency": {"num_intervals": 50, "ema_decay": 0.95},
+        # the UNet has no feed-forward blocks; its time-embedding MLP is the dense MLP here
+        "dense2moe": {"targets": ("unet.time_embedding",)},
     }.get(name, {})
+    fields = {f.name for f in dataclasses.fields(get_objective(name).config_cls)}
+    if "null_label" in fields:  # objectives that guide an unwrapped teacher themselves
+        tuned = {"null_label": NULL_CLASS, **tuned}
+    return tuned
 
 
 class DigitsRecipe:
@@ -167,12 +176,10 @@ def make_objective(cfg: DigitsConfig, teacher, obj_cfg, with_reward: bool = True
     cls = get_objective(cfg.objective)
     if isinstance(obj_cfg, dict):
         obj_cfg = from_dict(cls.config_cls, obj_cfg)
-    kwargs = {}
-    if cls.needs_reward:
-        kwargs["reward"] = (
-            ClassifierReward(cfg.reward_classifier_steps) if with_reward else _no_reward
-        )
-    return cls(guided(teacher, cfg.guidance_scale), obj_cfg, **kwargs)
+    # every objective gets the reward (it loads its classifier on first use); whether one is
+    # needed may depend on the objective's config (e.g. PSO's online pairs)
+    reward = ClassifierReward(cfg.reward_classifier_steps) if with_reward else _no_reward
+    return cls(guided(teacher, cfg.guidance_scale), obj_cfg, reward=reward)
 
 
 class ClassifierReward:
@@ -180,11 +187,17 @@ class ClassifierReward:
     in x0 (the classifier is frozen)."""
 
     def __init__(self, steps: int):
-        from fewstep.image.classifier import load_classifier
-
-        self.clf, _ = load_classifier(steps=steps, seed=1)
+        self.steps = steps
+        self.clf = None
 
     def __call__(self, x0, labels):
+        if self.clf is None:
+            from fewstep.image.classifier import load_classifier
+
+            # trained on first use (even inside a no-grad region); it seeds torch, so keep
+            # the run's own random stream
+            with torch.random.fork_rng(devices=[]), torch.enable_grad():
+                self.clf, _ = load_classifier(steps=self.steps, seed=1)
         self.clf.to(x0.device)
         logp = torch.log_softmax(self.clf(x0.float()), dim=1)
         return logp.gather(1, labels.long().view(-1, 1)).squeeze(1)
