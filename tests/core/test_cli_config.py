@@ -94,7 +94,7 @@ def test_unknown_recipe_is_an_error_listing_valid(capsys):
 def test_unknown_objective_lists_valid():
     from fewstep.core.objectives import get_objective
 
-    with pytest.raises(KeyError, match="available: consistency, dmd2"):
+    with pytest.raises(KeyError, match=r"available: .*consistency, .*dmd2, "):
         get_objective("nope")
 
 
