@@ -54,6 +54,7 @@ def resolve(recipe, overrides: dict[str, str]):
     cfg = apply_overrides(
         recipe.config_cls(), {k: v for k, v in overrides.items() if not k.startswith("objective.")}
     )
+    obj_cls = get_objective(cfg.objective)  # an unknown name: KeyError listing the available
     supported = getattr(recipe, "supported_objectives", None)
     if supported is not None and cfg.objective not in supported:
         why = recipe.unsupported_reason(cfg.objective)
@@ -63,7 +64,6 @@ def resolve(recipe, overrides: dict[str, str]):
         )
     import dataclasses
 
-    obj_cls = get_objective(cfg.objective)
     base = dataclasses.replace(obj_cls.config_cls(), **recipe.objective_defaults(cfg.objective))
     return cfg, apply_overrides(base, obj_over)
 
