@@ -73,6 +73,17 @@ def dmd_loss(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> tuple[Tensor, Tenso
     return loss, grad.flatten(1).norm(dim=1)
 
 
+def gan_critic_loss(critic, path, x_fake: Tensor, t: Tensor, batch: Batch) -> tuple[Tensor, float]:
+    """DMD2 eq. 4, critic side: non-saturating loss of the head on the fake score's features
+    separating noised real data (batch.x) from noised student samples at times t.
+    Returns (loss, fraction of real samples classified real)."""
+    xf_t, _ = noised(path, x_fake, t, batch)
+    xr_t, _ = noised(path, batch.x, t, batch)
+    lf = critic["head"](critic["score"].features(xf_t, t, batch.cond))
+    lr = critic["head"](critic["score"].features(xr_t, t, batch.cond))
+    return F.softplus(lf).mean() + F.softplus(-lr).mean(), (lr > 0).float().mean().item()
+
+
 class DMD2(Objective):
     name = "dmd2"
     config_cls = DMD2Config
@@ -139,13 +150,9 @@ class DMD2(Objective):
                 if batch.x is None:
                     raise ValueError("dmd2 with gan_weight > 0 needs real data in the batch")
                 t_g = sample_times(self.path, batch, cfg.t_range)
-                xf_t, _ = noised(self.path, x_d, t_g, batch)
-                xr_t, _ = noised(self.path, batch.x, t_g, batch)
-                lf = critic["head"](fake.features(xf_t, t_g, batch.cond))
-                lr = critic["head"](fake.features(xr_t, t_g, batch.cond))
-                d_loss = F.softplus(lf).mean() + F.softplus(-lr).mean()
+                d_loss, real_acc = gan_critic_loss(critic, self.path, x_d, t_g, batch)
                 logs["gan_critic"] = d_loss.item()
-                logs["gan_real_acc"] = (lr > 0).float().mean().item()
+                logs["gan_real_acc"] = real_acc
                 loss = loss + cfg.gan_critic_weight * d_loss
             losses["fake_score"] = loss
         return losses, logs

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from fewstep.core.objectives.common import denoising_loss, noised, sample_times, student_x0
-from fewstep.core.objectives.dmd2 import DMD2, DMD2Config, dmd_loss
+from fewstep.core.objectives.dmd2 import DMD2, DMD2Config, dmd_loss, gan_critic_loss
 from fewstep.core.objectives.preference import call_reward
 
 
@@ -109,11 +109,7 @@ class FlashDMD(DMD2):
                 if batch.x is None:
                     raise ValueError("flash_dmd with gan_weight > 0 needs real data in the batch")
                 t_g = self.gan_times(batch, x_d)
-                xf_t, _ = noised(self.path, x_d, t_g, batch)
-                xr_t, _ = noised(self.path, batch.x, t_g, batch)
-                lf = critic["head"](fake.features(xf_t, t_g, batch.cond))
-                lr = critic["head"](fake.features(xr_t, t_g, batch.cond))
-                d_loss = F.softplus(lf).mean() + F.softplus(-lr).mean()
+                d_loss, _ = gan_critic_loss(critic, self.path, x_d, t_g, batch)
                 logs["gan_critic"] = d_loss.item()
                 loss = loss + cfg.gan_critic_weight * d_loss
             losses["fake_score"] = loss
