@@ -192,10 +192,62 @@ class FewStepSampler(Sampler):
         return Sample(x, nfe)
 
 
+class FlowMapSampler(Sampler):
+    """Deterministic flow-map (mean-flow) jumps x_r = x_t - (t - r) u(x_t, t, r) (Geng et
+    al. 2025, "Mean Flows for One-step Generative Modeling", eq. 12) over ``times``:
+    decreasing fractions of the path's range (1.0 = pure noise), the last jump landing at
+    ``t_min``. ``u`` is ``denoiser.average_velocity(x_t, t, r, cond)`` in the path's native
+    velocity units (flow-map students: MeanFlow, flow-map distillation, BOOT); a plain
+    denoiser without it is stepped with its instantaneous velocity u(x_t, t, t), i.e. Euler
+    in native time."""
+
+    name = "flow-map"
+
+    def __init__(self, times: Sequence[float] = (1.0,)):
+        times = [float(f) for f in times]
+        if not times:
+            raise ValueError("FlowMapSampler needs at least one time")
+        if any(not 0.0 < f <= 1.0 for f in times) or any(
+            a <= b for a, b in zip(times[:-1], times[1:], strict=False)
+        ):
+            raise ValueError(
+                f"FlowMapSampler times must be strictly decreasing fractions in (0, 1], got {times}"
+            )
+        self.times = times
+
+    @classmethod
+    def uniform(cls, steps: int) -> FlowMapSampler:
+        """``steps`` evenly spaced fractions from 1 down to 1/steps."""
+        if steps < 1:
+            raise ValueError(f"FlowMapSampler needs steps >= 1, got {steps}")
+        return cls([1.0 - i / steps for i in range(steps)])
+
+    def grid(self, path) -> list[Tensor]:
+        """Native jump times: the given fractions, then t_min."""
+        return [path.fraction_to_t(f) for f in [*self.times, 0.0]]
+
+    @torch.no_grad()
+    def sample(self, denoiser, noise, cond=None):
+        path = denoiser.path
+        grid = self.grid(path)
+        x = path.prior(noise)
+        nfe = 0
+        for t, r in zip(grid[:-1], grid[1:], strict=True):
+            tb, rb = _batch_t(t, x), _batch_t(r, x)
+            if hasattr(denoiser, "average_velocity"):
+                u = denoiser.average_velocity(x, tb, rb, cond)
+            else:
+                u = denoiser.predict(x, tb, cond, kind="velocity")
+            nfe += denoiser.evals_per_call
+            x = x - (t - r).to(x) * u
+        return Sample(x, nfe)
+
+
 SAMPLERS: dict[str, type[Sampler]] = {
     "euler": EulerSampler,
     "heun": HeunSampler,
     "few-step": FewStepSampler,
+    "flow-map": FlowMapSampler,
 }
 
 

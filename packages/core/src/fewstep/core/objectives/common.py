@@ -129,9 +129,15 @@ def jvp(
     (fn(p + e v) - fn(p - e v)) / 2e, for networks with ops lacking forward-mode rules
     (sCM, Lu & Song 2024, sec. 4, discusses both). In ``exact`` mode both outputs carry
     gradients to the parameters; the finite-difference tangent carries none. sCM and MeanFlow
-    detach the tangent anyway (it enters a stop-gradient target)."""
+    detach the tangent anyway (it enters a stop-gradient target).
+
+    Exact mode runs scaled-dot-product attention on its math kernel: the fused CPU/CUDA
+    kernels have no forward-mode rule (diffusers UNets with attention, transformers)."""
     if mode == "exact":
-        return torch.func.jvp(fn, primals, tangents)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.MATH]):
+            return torch.func.jvp(fn, primals, tangents)
     if mode != "finite_difference":
         raise ValueError(f"unknown jvp mode {mode!r}; expected 'exact' or 'finite_difference'")
     out = fn(*primals)
