@@ -5,11 +5,13 @@
 
 For each objective and toy teacher (rectified flow / discrete VP, ring of Gaussians /
 checkerboard) a student is distilled per NFE in 1/2/4 with the objective's suite budget
-(``fewstep.core.suite2d.BUDGETS``, the same budgets core's tests use) and scored against
+(``fewstep.core.budgets2d.BUDGETS``, the same budgets core's tests use) and scored against
 the teacher's 50-step Euler samples from the same noise: sliced Wasserstein (SW), MMD, modes
-covered (ring), wall time to train, and peak memory. Each objective runs in a fresh
-process, so its peak resident memory is its own; the table reports it above a process that
-only loaded the teachers. Objectives whose budget says an NFE is not meaningful for them
+covered (ring), whether it "learned" (the tests' criterion: SW below half the untrained
+student's, and >= 6 of 8 ring modes), wall time of the run (training plus scoring), and peak
+memory. Each objective runs in a fresh process (``--workers`` of them side by side, one
+thread each), so its peak resident memory is its own; the table reports it above a process
+that only loaded the teachers. Objectives whose budget says an NFE is not meaningful for them
 (e.g. compression objectives sampled with the teacher's sampler) report their native NFE
 once. The untrained student (the teacher in k jumps) is the first row per teacher.
 
@@ -74,11 +76,27 @@ def _baseline(teachers: list[str]) -> dict:
     return {"rss_mb": _rss_mb(), "rows": rows}
 
 
+def _student(budget, teacher, k: int, eps: bool, tmp: str):
+    """The student a run starts from: a budget's named student, another objective's distilled
+    student (``init``), or None (the trainer copies the teacher)."""
+    from fewstep.core.budgets2d import BUDGETS, STUDENTS
+    from fewstep.core.models import trainable_copy
+    from fewstep.core.suite2d import distil
+
+    if budget.student:
+        return STUDENTS[budget.student](teacher)
+    if budget.init:
+        first = distil(teacher, budget.init, *BUDGETS[budget.init].configs(k, eps), tmp)
+        return trainable_copy(first.trainer.ema)
+    return None
+
+
 def _run_objective(name: str, teachers: list[str], nfes: list[int]) -> dict:
     """Distil ``name`` on each teacher at each NFE; rows plus this process's peak RSS."""
     import torch
 
-    from fewstep.core.suite2d import BUDGETS, REWARDS, distil
+    from fewstep.core.budgets2d import BUDGETS
+    from fewstep.core.suite2d import REWARDS, distil
 
     budget = BUDGETS[name]
     reward = REWARDS[budget.reward] if budget.reward else None
@@ -86,13 +104,16 @@ def _run_objective(name: str, teachers: list[str], nfes: list[int]) -> dict:
     rows = []
     for tname in teachers:
         teacher, data = _teacher(tname, conditional=budget.conditional)
+        eps = teacher.prediction == "eps"
         for k in ks:
-            obj_cfg, train_cfg = budget.configs(k)
-            torch.manual_seed(0)
-            t0 = time.perf_counter()
+            obj_cfg, train_cfg = budget.configs(k, eps)
             row = {"teacher": tname, "objective": name, "nfe": k}
             try:
                 with tempfile.TemporaryDirectory() as out:
+                    torch.manual_seed(0)
+                    student = _student(budget, teacher, k, eps, out + "/init")
+                    torch.manual_seed(0)
+                    t0 = time.perf_counter()
                     o = distil(
                         teacher,
                         name,
@@ -100,6 +121,7 @@ def _run_objective(name: str, teachers: list[str], nfes: list[int]) -> dict:
                         train_cfg,
                         out,
                         data=data,
+                        student=student,
                         reward=reward,
                         with_mmd=True,
                     )
@@ -113,6 +135,7 @@ def _run_objective(name: str, teachers: list[str], nfes: list[int]) -> dict:
                     "sw_untrained": o.before,
                     "mmd": o.mmd,
                     "covered": o.covered,
+                    "learned": o.learned(min_modes=6 if data == "mixture" else 0),
                     "train_seconds": time.perf_counter() - t0,
                     "steps": train_cfg.get("steps"),
                 }
@@ -121,12 +144,13 @@ def _run_objective(name: str, teachers: list[str], nfes: list[int]) -> dict:
 
 
 def main() -> None:
-    from fewstep.core.suite2d import BUDGETS
+    from fewstep.core.budgets2d import BUDGETS
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--objectives", nargs="*", default=sorted(BUDGETS))
     ap.add_argument("--teachers", nargs="*", default=list(TEACHERS))
     ap.add_argument("--nfe", nargs="*", type=int, default=[1, 2, 4])
+    ap.add_argument("--workers", type=int, default=2, help="objectives run side by side")
     ap.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "objectives_2d.json"
     )
@@ -139,13 +163,18 @@ def main() -> None:
     t_all = time.perf_counter()
     with ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1) as pool:
         base = pool.submit(_baseline, args.teachers).result()
-    results = []
-    for name in args.objectives:
-        with ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1) as pool:
-            r = pool.submit(_run_objective, name, args.teachers, args.nfe).result()
-        r["peak_mb_above_baseline"] = max(0.0, r["rss_mb"] - base["rss_mb"])
-        results.append(r)
-        print(f"{name}: done ({len(r['rows'])} runs)", flush=True)
+    # one fresh process per objective, so each peak resident memory is its own
+    with ProcessPoolExecutor(args.workers, mp_context=ctx, max_tasks_per_child=1) as pool:
+        futures = {
+            name: pool.submit(_run_objective, name, args.teachers, args.nfe)
+            for name in args.objectives
+        }
+        results = []
+        for name, fut in futures.items():
+            r = fut.result()
+            r["peak_mb_above_baseline"] = max(0.0, r["rss_mb"] - base["rss_mb"])
+            results.append(r)
+            print(f"{name}: done ({len(r['rows'])} runs)", flush=True)
     import torch
 
     payload = {
@@ -154,6 +183,7 @@ def main() -> None:
             "python": sys.version.split()[0],
             "torch": torch.__version__,
             "threads": 1,
+            "workers": args.workers,
         },
         "total_seconds": time.perf_counter() - t_all,
         "baseline": base,
@@ -171,14 +201,14 @@ def markdown(payload: dict) -> str:
     for t in teachers:
         lines += [
             f"\n### {t}\n",
-            "| objective | NFE | SW | MMD | modes | train s | peak MB |",
-            "|---|---|---|---|---|---|---|",
+            "| objective | NFE | SW (untrained) | MMD | modes | learned | wall s | peak MB |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in payload["baseline"]["rows"]:
             if r["teacher"] == t:
                 lines.append(
                     f"| (untrained) | {r['nfe']} | {r['sw']:.3f} | {r['mmd']:.4f} | "
-                    f"{r['covered']} | - | - |"
+                    f"{r['covered']} | - | - | - |"
                 )
         for obj in payload["objectives"]:
             for r in obj["rows"]:
@@ -188,9 +218,9 @@ def markdown(payload: dict) -> str:
                     lines.append(f"| {r['objective']} | {r['nfe']} | error: {r['error'][:60]} |")
                     continue
                 lines.append(
-                    f"| {r['objective']} | {r['nfe']} | {r['sw']:.3f} | {r['mmd']:.4f} | "
-                    f"{r['covered']} | {r['train_seconds']:.1f} | "
-                    f"{obj['peak_mb_above_baseline']:.0f} |"
+                    f"| {r['objective']} | {r['nfe']} | {r['sw']:.3f} ({r['sw_untrained']:.3f}) | "
+                    f"{r['mmd']:.4f} | {r['covered']} | {'yes' if r['learned'] else 'no'} | "
+                    f"{r['train_seconds']:.1f} | {obj['peak_mb_above_baseline']:.0f} |"
                 )
     return "\n".join(lines)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 
+from fewstep.core.budgets2d import BUDGETS
 from fewstep.core.objectives import consistency as consistency_mod
 from fewstep.core.objectives import dmd2 as dmd2_mod
 from fewstep.core.objectives.common import noised
@@ -24,18 +25,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 # Budgets: (objective config, train config), each a few seconds on one CPU core. The eps
 # student gets a smaller learning rate because its x0 = (x - sigma eps) / alpha at t_max
 # multiplies its output by sigma / alpha = 15. Checked over training seeds 0-3.
-DMD2_RF = (
-    {"fake_updates_per_student": 3},
-    dict(steps=450, batch_size=128, lr=2e-3, ema_decay=0.95),
-)
-DMD2_VP = (
-    {"fake_updates_per_student": 2},
-    dict(steps=300, batch_size=128, lr=2e-3, role_lr={"student": 1e-4}, ema_decay=0.95),
-)
-DMD2_RF_2STEP = (
-    {"fake_updates_per_student": 2, "student_steps": 2},
-    dict(steps=400, batch_size=256, lr=1e-3, role_lr={"fake_score": 2e-3}, ema_decay=0.98),
-)
+DMD2_RF = BUDGETS["dmd2"].configs(1)
+DMD2_VP = BUDGETS["dmd2"].configs(1, eps=True)
+DMD2_RF_2STEP = BUDGETS["dmd2"].configs(2)
 CD_CFG = {"num_intervals": 10, "metric": "l2"}
 CD = dict(steps=400, batch_size=128, lr=1e-3, ema_decay=0.95)
 

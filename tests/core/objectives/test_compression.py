@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fewstep.core.batch import Batch, StepRNG
+from fewstep.core.budgets2d import BUDGETS
 from fewstep.core.metrics import sliced_wasserstein
 from fewstep.core.models import ModuleDenoiser, trainable_copy
 from fewstep.core.objectives import dense2moe as moe_mod
@@ -36,10 +37,7 @@ from fewstep.core.training import NonFiniteLossError, TrainConfig, Trainer
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 # Budgets, each a few seconds on one core; checked over training seeds 0-2.
-QUANT_RF = Budget(
-    objective={"bits": 2, "sampler_steps": 10},
-    train=dict(steps=150, batch_size=128, lr=3e-3, ema_decay=0.95),
-)
+QUANT_RF = BUDGETS["quantized"]
 QUANT_VP = QUANT_RF  # the same budget distils the eps-predicting VP teacher
 QUANT_CD = Budget(  # quantised AND one-step: 3-bit student trained by consistency distillation
     objective={
@@ -49,14 +47,8 @@ QUANT_CD = Budget(  # quantised AND one-step: 3-bit student trained by consisten
     },
     train=dict(steps=200, batch_size=128, lr=2e-3, ema_decay=0.95),
 )
-MOE_RF = Budget(  # both hidden Linears -> shared expert (25 %) + top-1 of 4 experts
-    objective={"targets": ("net.blocks.*",), "sampler_steps": 10},
-    train=dict(steps=150, batch_size=128, lr=2e-3, ema_decay=0.95),
-)
-KDMI_RF = Budget(  # a half-width student from scratch
-    objective={"sampler_steps": 10},
-    train=dict(steps=150, batch_size=128, lr=3e-3, ema_decay=0.95),
-)
+MOE_RF = BUDGETS["dense2moe"]
+KDMI_RF = BUDGETS["kd_mi"]
 KDMI_MI_ONLY = Budget(  # the MI term alone (no prediction KD): does it raise the bound?
     objective={"sampler_steps": 10, "match_weight": 0.0, "mi_weight": 1.0},
     train=dict(steps=80, batch_size=128, lr=3e-3, ema_decay=0.0, log_every=10),

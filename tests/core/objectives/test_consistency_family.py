@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from fewstep.core.batch import Batch, StepRNG
+from fewstep.core.budgets2d import BUDGETS, CD_TRAIN, SCM_CFG, SCM_TRAIN
 from fewstep.core.models import DiffusersUNetDenoiser, ModuleDenoiser, trainable_copy
 from fewstep.core.objectives import get_objective
 from fewstep.core.objectives import hyper_sd as hyper_sd_mod
@@ -66,28 +67,14 @@ SD_BETAS = {"schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.01
 # sCM 0.21-0.26 / 7-8, sCM 2-step 0.33-0.35 / 7-8, rCM 0.20-0.23 / 7-8, TBCM 0.18-0.23 / 8,
 # Hyper-SD 0.17 (rf) and 0.34-0.36 (vp) / 7-8, 2 segments 0.21 / 8, SLAM 0.09 (rf) and
 # 0.24-0.28 (vp) / 8. Sabotaged runs: 0.62-1.0 with 0 modes (Hyper-SD 0.38, 0 modes).
-SCM_CFG = {
-    "sigma_data": 1.0,  # the ring's per-coordinate std is 1.4
-    "tangent_warmup": 50,
-    "time_sampling": "path",  # uniform rectified-flow times: the one-step end gets trained
-    "jvp_mode": "finite_difference",
-    "fd_eps": 1e-2,
-}
-SCM_TRAIN = dict(steps=200, batch_size=128, lr=5e-4, ema_decay=0.95)
-SCM_B = Budget(SCM_CFG, SCM_TRAIN)
+SCM_B = BUDGETS["scm"]
 # 2-step: sCM's intermediate angle 1.1 (sec. 6) is fraction 0.7 of [0, pi/2]
-SCM_2STEP = Budget({**SCM_CFG, "jvp_mode": "exact", "student_times": (1.0, 0.7)}, SCM_TRAIN)
-RCM_B = Budget(
-    {**SCM_CFG, "dmd_weight": 1.0, "fake_updates_per_student": 2}, {**SCM_TRAIN, "steps": 150}
-)
-TBCM_B = Budget({**SCM_CFG, "route_steps": 5}, {**SCM_TRAIN, "batch_size": 32})
-CD_TRAIN = dict(steps=250, batch_size=128, lr=1e-3, ema_decay=0.95)
-HYPER_SD_CFG = {"num_intervals": 8, "metric": "l2", "segments": (4, 2, 1), "stage_steps": 80}
-HYPER_SD_B = Budget(HYPER_SD_CFG, CD_TRAIN)
-HYPER_SD_2SEG = Budget(
-    {**HYPER_SD_CFG, "segments": (4, 2), "stage_steps": 120, "student_steps": 2}, CD_TRAIN
-)
-SLAM_B = Budget({"num_intervals": 10, "metric": "l2"}, CD_TRAIN)
+SCM_2STEP = Budget(*BUDGETS["scm"].configs(2))
+RCM_B = BUDGETS["rcm"]
+TBCM_B = BUDGETS["tbcm"]
+HYPER_SD_B = BUDGETS["hyper_sd"]
+HYPER_SD_2SEG = Budget(*BUDGETS["hyper_sd"].configs(2))
+SLAM_B = BUDGETS["slam"]
 
 
 def run(teacher, name, budget: Budget, tmp_path, **kw):

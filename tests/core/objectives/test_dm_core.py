@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fewstep.core.batch import Batch, StepRNG
+from fewstep.core.budgets2d import BUDGETS
 from fewstep.core.models import ModuleDenoiser, trainable_copy
 from fewstep.core.objectives import dmd as dmd_mod
 from fewstep.core.objectives import sid as sid_mod
@@ -53,26 +54,14 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 # training seeds 0-2. SiD and Uni-Instruct back-propagate through both score networks and
 # take a smaller student learning rate than the DMD family.
 FAST_FAKE = {"fake_score": 3e-3}
-DMD_RF = ({}, dict(steps=120, batch_size=128, lr=1e-3, role_lr=FAST_FAKE, ema_decay=0.95))
+DMD_RF = BUDGETS["dmd"].configs(1)
 # the eps student's x0 = (x - sigma eps) / alpha amplifies its output (see test_objectives_2d)
-DMD_VP = ({}, dict(steps=150, batch_size=128, lr=1e-4, role_lr=FAST_FAKE, ema_decay=0.95))
-VSD_RF = (
-    {},
-    dict(steps=200, batch_size=128, lr=1e-3, role_lr={"fake_score": 5e-3}, ema_decay=0.95),
-)
-SID_RF = ({}, dict(steps=200, batch_size=128, lr=5e-4, role_lr=FAST_FAKE, ema_decay=0.95))
-SID_RF_2STEP = (
-    {"student_steps": 2, "alpha": 1.0},
-    dict(steps=200, batch_size=256, lr=5e-4, role_lr={"fake_score": 5e-3}, ema_decay=0.95),
-)
-F_DISTILL_RF = (
-    {"fake_updates_per_student": 2},
-    dict(steps=300, batch_size=128, lr=2e-3, ema_decay=0.95),
-)
-UNI_INSTRUCT_RF = (
-    {},
-    dict(steps=200, batch_size=128, lr=5e-4, role_lr=FAST_FAKE, ema_decay=0.95),
-)
+DMD_VP = BUDGETS["dmd"].configs(1, eps=True)
+VSD_RF = BUDGETS["vsd"].configs(1)
+SID_RF = BUDGETS["sid"].configs(1)
+SID_RF_2STEP = BUDGETS["sid"].configs(2)
+F_DISTILL_RF = BUDGETS["f_distill"].configs(1)
+UNI_INSTRUCT_RF = BUDGETS["uni_instruct"].configs(1)
 # class-conditional SiD from a conditional teacher (label 8 = null); alpha = 1 and a larger
 # null-condition rate keep the guided fake score stable over a short budget
 SID_COND = dict(steps=150, batch_size=128, lr=2e-4, role_lr=FAST_FAKE, ema_decay=0.95)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fewstep.core.batch import Batch, StepRNG
+from fewstep.core.budgets2d import BUDGETS
 from fewstep.core.models import ModuleDenoiser, trainable_copy
 from fewstep.core.objectives import disback as disback_mod
 from fewstep.core.objectives import twinflow as twinflow_mod
@@ -37,20 +38,11 @@ from fewstep.core.training import NonFiniteLossError, TrainConfig, Trainer
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 # Budgets (objective config, train config), each a few seconds on one core.
-DISBACK_RF = (
-    {"fake_updates_per_student": 2, "record_steps": 60, "num_checkpoints": 2},
-    dict(steps=300, batch_size=128, lr=2e-3, ema_decay=0.95),
-)
-DISBACK_VP = (
-    {"fake_updates_per_student": 2, "record_steps": 60, "num_checkpoints": 2},
-    dict(steps=300, batch_size=128, lr=2e-3, role_lr={"student": 1e-4}, ema_decay=0.95),
-)
+DISBACK_RF = BUDGETS["disback"].configs(1)
+DISBACK_VP = BUDGETS["disback"].configs(1, eps=True)
 DISBACK_BACKTRACK = 30  # steps per recorded checkpoint in the budgets above
-VDOT_RF = (  # the OT term alone (no KL term), so learning is the OT signal's doing
-    {"fake_updates_per_student": 3, "dm_weight": 0.0},
-    dict(steps=300, batch_size=128, lr=2e-3, ema_decay=0.95),
-)
-TWINFLOW_RF = ({}, dict(steps=300, batch_size=128, lr=2e-3, ema_decay=0.98))
+VDOT_RF = BUDGETS["vdot"].configs(1)
+TWINFLOW_RF = BUDGETS["twinflow"].configs(1)
 
 
 def with_backtrack(budget, steps=DISBACK_BACKTRACK):

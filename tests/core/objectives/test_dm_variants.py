@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fewstep.core.batch import Batch, StepRNG
+from fewstep.core.budgets2d import BUDGETS
 from fewstep.core.metrics import mode_coverage, sliced_wasserstein
 from fewstep.core.models import GuidedDenoiser, ModuleDenoiser
 from fewstep.core.objectives import phased_dmd as phased_mod
@@ -52,40 +53,17 @@ NULL = 8  # cond_rf_teacher's unconditional label
 # CFG w = 2 with the CA term re-noised only at low noise (tau < 0.5): CFG augmentation at
 # high noise, where x0_c - x0_u points from the ring's centre to the mode, pushes the student
 # off the ring (the coupled schedule fails, see the negative control below)
-DDMD_COND = (
-    {
-        "fake_updates_per_student": 3,
-        "guidance_scale": 2.0,
-        "null_label": NULL,
-        "ca_t_range": (0.02, 0.5),
-    },
-    dict(steps=300, batch_size=128, lr=2e-3, ema_decay=0.95),
-)
+DDMD_COND = BUDGETS["decoupled_dmd"].configs(1)
 DDMD_COUPLED = ({**DDMD_COND[0], "ca_t_range": (0.02, 0.98)}, DDMD_COND[1])
-PHASED_RF_2STEP = (
-    {"fake_updates_per_student": 2, "student_steps": 2},
-    dict(steps=300, batch_size=128, lr=1e-3, role_lr={"fake_score": 2e-3}, ema_decay=0.98),
-)
-PHASED_VP_2STEP = (  # the eps student's x0 at t_max amplifies its output 15x: small lr
-    {"fake_updates_per_student": 2, "student_steps": 2},
-    dict(steps=300, batch_size=128, lr=2e-3, role_lr={"student": 1e-4}, ema_decay=0.95),
-)
-TDM_RF = (
-    {"fake_updates_per_student": 3, "student_steps": 1},
-    dict(steps=300, batch_size=128, lr=2e-3, ema_decay=0.95),
-)
-TDM_RF_2STEP = (
-    {"fake_updates_per_student": 2, "student_steps": 2},
-    dict(steps=400, batch_size=128, lr=1e-3, role_lr={"fake_score": 4e-3}, ema_decay=0.98),
-)
+PHASED_RF_2STEP = BUDGETS["phased_dmd"].configs(2)
+PHASED_VP_2STEP = BUDGETS["phased_dmd"].configs(2, eps=True)
+TDM_RF = BUDGETS["tdm"].configs(1)
+TDM_RF_2STEP = BUDGETS["tdm"].configs(2)
 # four steps on a shifted grid (SD3-style shift 3: t = 3u / (1 + 2u) at u = 1, .75, .5, .25):
 # the teacher's own 4-step jumps are poor there; on a uniform 4-step grid they are already
 # within sampling noise of the 50-step reference, leaving nothing to learn
-TDM_RF_4STEP = ({**TDM_RF_2STEP[0], "student_times": (1.0, 0.9, 0.75, 0.5)}, TDM_RF_2STEP[1])
-MSD_COND = (
-    {"fake_updates_per_student": 3, "num_students": 2},
-    dict(steps=300, batch_size=128, lr=2e-3, ema_decay=0.95),
-)
+TDM_RF_4STEP = BUDGETS["tdm"].configs(4)
+MSD_COND = BUDGETS["multi_student"].configs(1)
 
 
 # ------------------------------------------------------------------------------ helpers

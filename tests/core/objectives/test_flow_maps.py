@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fewstep.core.batch import Batch, StepRNG
+from fewstep.core.budgets2d import BUDGETS, MF_CFG
 from fewstep.core.models import Denoiser, GuidedDenoiser, trainable_copy
 from fewstep.core.objectives import boot as boot_mod
 from fewstep.core.objectives import get_objective
@@ -55,30 +56,19 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 # (objective config, train config); checked over training seeds 0-2. Derivatives by finite
 # differences (see the module docstring); r = t_min for half of the r != t draws (FastGen's
 # consistency bucket) so the one-step jump (1 -> 0) is trained directly.
-MF_CFG = {
-    "t_density": "uniform",
-    "r_neq_t": 0.75,
-    "r_zero": 0.5,
-    "x_ode_steps": 4,
-    "jvp_mode": "finite_difference",
-    "fd_eps": 1e-2,
-}
-MF_RF = (MF_CFG, dict(steps=200, batch_size=128, lr=2e-3, ema_decay=0.95))
-MF_RF_2STEP = (
-    {**MF_CFG, "student_steps": 2},
-    dict(steps=300, batch_size=128, lr=1e-3, ema_decay=0.95),
-)
+MF_RF = BUDGETS["meanflow"].configs(1)
+MF_RF_2STEP = BUDGETS["meanflow"].configs(2)
 # consistency mid-training alone (MF-RAE's initialisation stage) for the whole run
 MF_CMT_RF_2STEP = (
     {**MF_CFG, "student_steps": 2, "cmt_steps": 10**9, "cmt_ode_steps": 8},
     dict(steps=100, batch_size=128, lr=2e-3, ema_decay=0.95),
 )
-FM_CFG = {"jvp_mode": "finite_difference", "fd_eps": 1e-2, "prior_start": 1.0}
-FM_RF = (FM_CFG, dict(steps=200, batch_size=128, lr=2e-3, ema_decay=0.95))
-FM_PREDICTION_RF = ({**FM_CFG, "corrector_weight": 0.0}, FM_RF[1])  # the predictor on its own
-BOOT_RF = ({"num_intervals": 8}, dict(steps=150, batch_size=128, lr=2e-3, ema_decay=0.95))
+
+FM_RF = BUDGETS["flow_map"].configs(1)
+FM_PREDICTION_RF = ({**FM_RF[0], "corrector_weight": 0.0}, FM_RF[1])  # the predictor on its own
+BOOT_RF = BUDGETS["boot"].configs(1)
 # the eps student's x0 = (x_T - s_T eps^) / a_T amplifies its output 15x: a smaller step
-BOOT_VP = ({"num_intervals": 8}, dict(steps=400, batch_size=128, lr=5e-4, ema_decay=0.95))
+BOOT_VP = BUDGETS["boot"].configs(1, eps=True)
 
 
 # ------------------------------------------------------------------------------ helpers

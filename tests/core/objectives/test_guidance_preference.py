@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fewstep.core.batch import Batch, StepRNG
+from fewstep.core.budgets2d import BUDGETS
 from fewstep.core.metrics import mode_coverage, sliced_wasserstein
 from fewstep.core.models import GuidedDenoiser, ModuleDenoiser, trainable_copy
 from fewstep.core.objectives import agd as agd_mod
@@ -50,35 +51,14 @@ def null_label(c):
 
 # Budgets: (objective config, train config). Checked over training seeds 0-2.
 GD = ({"scale_range": (1.0, 6.0)}, dict(steps=300, batch_size=128, lr=2e-3, ema_decay=0.95))
-AGD_B = (
-    {"scale_range": (1.0, 6.0), "student_steps": 10, "adapter_rank": 2},
-    dict(steps=150, batch_size=128, lr=3e-3, ema_decay=0.95),
-)
-FLASH_RF = (
-    {"fake_updates_per_student": 3, "reward_weight": 0.15},
-    dict(steps=300, batch_size=128, lr=2e-3, ema_decay=0.95),
-)
-FLASH_2STEP = (
-    {"fake_updates_per_student": 2, "student_steps": 2, "reward_weight": 0.0, "gan_weight": 0.1},
-    dict(steps=400, batch_size=256, lr=1e-3, role_lr={"fake_score": 2e-3}, ema_decay=0.98),
-)
-DDPO_RF = (
-    {"fake_updates_per_student": 2, "beta": 1.0},
-    dict(steps=300, batch_size=128, lr=2e-3, ema_decay=0.95),
-)
-DDPO_VP = (
-    {"fake_updates_per_student": 2, "beta": 1.0},
-    dict(steps=200, batch_size=128, lr=2e-3, role_lr={"student": 1e-4}, ema_decay=0.95),
-)
+AGD_B = BUDGETS["agd"].configs(10)
+FLASH_RF = BUDGETS["flash_dmd"].configs(1)
+FLASH_2STEP = BUDGETS["flash_dmd"].configs(2)
+DDPO_RF = BUDGETS["distillation_dpo"].configs(1)
+DDPO_VP = BUDGETS["distillation_dpo"].configs(1, eps=True)
 # PSO tunes a 2-step DMD2 student (distilled once per module; test_objectives_2d's budget)
-DMD2_2STEP = (
-    {"fake_updates_per_student": 2, "student_steps": 2},
-    dict(steps=400, batch_size=256, lr=1e-3, role_lr={"fake_score": 2e-3}, ema_decay=0.98),
-)
-PSO_B = (
-    {"student_steps": 2, "beta": 100.0},
-    dict(steps=200, batch_size=128, lr=1e-3, ema_decay=0.9),
-)
+DMD2_2STEP = BUDGETS["dmd2"].configs(2)
+PSO_B = BUDGETS["pso"].configs(2)
 
 W_EVAL = (3.0, 5.0)  # guidance scales the guided students are checked at
 N_GUIDED = 1000  # evaluation samples per scale

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fewstep.core.batch import Batch, StepRNG
+from fewstep.core.budgets2d import BUDGETS
 from fewstep.core.models import ModuleDenoiser, trainable_copy
 from fewstep.core.objectives import instaflow as instaflow_mod
 from fewstep.core.objectives import progressive as progressive_mod
@@ -34,25 +35,11 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 # Budgets (objective config, train config). Pairs: 2048 teacher couplings from 8 Euler steps
 # (their endpoints lie 0.07 from the 50-step reference's on average). Checked for seeds 0-2.
-PAIRS = {"num_pairs": 2048, "pair_steps": 8, "solver": "euler"}
-TRAIN = {"batch_size": 128, "lr": 2e-3, "ema_decay": 0.95}
-REFLOW = Budget(objective=PAIRS, train={**TRAIN, "steps": 150})
-INSTAFLOW = Budget(
-    objective={**PAIRS, "reflow_steps": 100, "target_steps": 4},
-    train={**TRAIN, "steps": 200},
-)
-SLIMFLOW = Budget(
-    objective={**PAIRS, "reflow_steps": 200, "anneal_steps": 100, "target_steps": 4},
-    train={**TRAIN, "lr": 3e-3, "steps": 300},
-)
-PROGRESSIVE_1 = Budget(  # rounds 8 -> 4 -> 2 -> 1 steps
-    objective={"teacher_steps": 8, "round_steps": 60},
-    train={**TRAIN, "steps": 180},
-)
-PROGRESSIVE_2 = Budget(  # rounds 8 -> 4 -> 2 steps
-    objective={"teacher_steps": 8, "round_steps": 60, "student_steps": 2},
-    train={**TRAIN, "steps": 120},
-)
+REFLOW = BUDGETS["reflow"]
+INSTAFLOW = BUDGETS["instaflow"]
+SLIMFLOW = BUDGETS["slimflow"]
+PROGRESSIVE_1 = BUDGETS["progressive"]
+PROGRESSIVE_2 = Budget(*BUDGETS["progressive"].configs(2))
 SMALL_HIDDEN = 64  # SlimFlow's student: ToyMLP(hidden=64), about 0.28x the teacher's size
 
 

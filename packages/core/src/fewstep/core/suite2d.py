@@ -42,16 +42,22 @@ class Budget:
     nfe: tuple[int, ...] = (1, 2, 4)  # student NFEs worth reporting (student_steps per run)
     vary_steps: bool = True  # False: the objective fixes its own sampler (e.g. compression)
     by_nfe: dict[int, dict[str, dict]] = field(default_factory=dict)  # k -> overrides
+    eps: dict[str, dict] = field(default_factory=dict)  # overrides for eps-predicting teachers
     conditional: bool = False  # needs a class-conditional teacher (guidance, partitions)
     reward: str | None = None  # name in REWARDS for reward-driven objectives
+    student: str | None = None  # name in budgets2d.STUDENTS; None: a copy of the teacher
+    init: str | None = None  # start from the student this objective's budget distils
 
-    def configs(self, nfe: int) -> tuple[dict, dict]:
-        """(objective config, train config) for a student with ``nfe`` steps."""
-        extra = self.by_nfe.get(nfe, {})
-        obj = {**self.objective, **extra.get("objective", {})}
+    def configs(self, nfe: int, eps: bool = False) -> tuple[dict, dict]:
+        """(objective config, train config) for a student with ``nfe`` steps; ``eps``: the
+        teacher predicts eps (its overrides apply after the per-NFE ones)."""
+        obj, train = dict(self.objective), dict(self.train)
+        for extra in (self.by_nfe.get(nfe, {}), self.eps if eps else {}):
+            obj.update(extra.get("objective", {}))
+            train.update(extra.get("train", {}))
         if self.vary_steps:
             obj["student_steps"] = nfe
-        return obj, {**self.train, **extra.get("train", {})}
+        return obj, train
 
 
 def upper_half_reward(x: Tensor, cond=None) -> Tensor:
