@@ -91,14 +91,46 @@ def _student(budget, teacher, k: int, eps: bool, tmp: str):
     return None
 
 
+def _run_guided(name: str, budget, teachers: list[str]) -> list[dict]:
+    """Guidance objectives: the one-pass student at each CFG scale against the CFG teacher."""
+    from fewstep.core.suite2d import distil_guided
+
+    rows = []
+    for tname in teachers:
+        if not tname.endswith("mixture"):
+            continue  # the toy teachers' classes are the ring's modes
+        teacher, _ = _teacher(tname, conditional=True)
+        obj_cfg, train_cfg = budget.configs(budget.nfe[0], teacher.prediction == "eps")
+        with tempfile.TemporaryDirectory() as out:
+            t0 = time.perf_counter()
+            o = distil_guided(teacher, name, obj_cfg, train_cfg, out, with_mmd=True)
+            seconds = time.perf_counter() - t0
+        for w, s in o.after.items():
+            rows.append(
+                {
+                    "teacher": tname,
+                    "objective": f"{name} (w={w:g})",
+                    "nfe": budget.nfe[0],
+                    **s,
+                    "sw_untrained": o.before[w]["sw"],
+                    "learned": s["sw"] < 0.5 * o.before[w]["sw"],
+                    "train_seconds": seconds,
+                    "steps": train_cfg.get("steps"),
+                }
+            )
+    return rows
+
+
 def _run_objective(name: str, teachers: list[str], nfes: list[int]) -> dict:
     """Distil ``name`` on each teacher at each NFE; rows plus this process's peak RSS."""
     import torch
 
     from fewstep.core.budgets2d import BUDGETS
-    from fewstep.core.suite2d import REWARDS, distil
+    from fewstep.core.suite2d import MIN_MODES, REWARDS, distil
 
     budget = BUDGETS[name]
+    if budget.guided:
+        return {"objective": name, "rss_mb": _rss_mb(), "rows": _run_guided(name, budget, teachers)}
     reward = REWARDS[budget.reward] if budget.reward else None
     ks = [k for k in budget.nfe if k in nfes] if budget.vary_steps else list(budget.nfe)
     rows = []
@@ -128,6 +160,8 @@ def _run_objective(name: str, teachers: list[str], nfes: list[int]) -> dict:
             except Exception as err:  # one broken objective must not hide the others
                 rows.append({**row, "error": repr(err)})
                 continue
+            if reward is not None:  # mean reward of the student's samples, before -> after
+                row["reward"] = [float(reward(x).mean()) for x in (o.samples_before, o.samples)]
             rows.append(
                 {
                     **row,
@@ -135,7 +169,10 @@ def _run_objective(name: str, teachers: list[str], nfes: list[int]) -> dict:
                     "sw_untrained": o.before,
                     "mmd": o.mmd,
                     "covered": o.covered,
-                    "learned": o.learned(min_modes=6 if data == "mixture" else 0),
+                    # tuning an already distilled student (PSO) is not judged by its SW drop
+                    "learned": None
+                    if budget.init
+                    else o.learned(min_modes=MIN_MODES if data == "mixture" else 0),
                     "train_seconds": time.perf_counter() - t0,
                     "steps": train_cfg.get("steps"),
                 }
@@ -201,14 +238,14 @@ def markdown(payload: dict) -> str:
     for t in teachers:
         lines += [
             f"\n### {t}\n",
-            "| objective | NFE | SW (untrained) | MMD | modes | learned | wall s | peak MB |",
-            "|---|---|---|---|---|---|---|---|",
+            "| objective | NFE | SW (untrained) | MMD | modes | learned | reward | wall s | MB |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in payload["baseline"]["rows"]:
             if r["teacher"] == t:
                 lines.append(
                     f"| (untrained) | {r['nfe']} | {r['sw']:.3f} | {r['mmd']:.4f} | "
-                    f"{r['covered']} | - | - | - |"
+                    f"{r['covered']} | - | - | - | - |"
                 )
         for obj in payload["objectives"]:
             for r in obj["rows"]:
@@ -217,9 +254,11 @@ def markdown(payload: dict) -> str:
                 if "error" in r:
                     lines.append(f"| {r['objective']} | {r['nfe']} | error: {r['error'][:60]} |")
                     continue
+                learned = {True: "yes", False: "no", None: "-"}[r["learned"]]
+                reward = "{:.2f} -> {:.2f}".format(*r["reward"]) if "reward" in r else "-"
                 lines.append(
                     f"| {r['objective']} | {r['nfe']} | {r['sw']:.3f} ({r['sw_untrained']:.3f}) | "
-                    f"{r['mmd']:.4f} | {r['covered']} | {'yes' if r['learned'] else 'no'} | "
+                    f"{r['mmd']:.4f} | {r['covered']} | {learned} | {reward} | "
                     f"{r['train_seconds']:.1f} | {obj['peak_mb_above_baseline']:.0f} |"
                 )
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from torch import nn
 
 from fewstep.core.batch import Batch, StepRNG
 from fewstep.core.budgets2d import BUDGETS
-from fewstep.core.metrics import mode_coverage, sliced_wasserstein
+from fewstep.core.metrics import mode_coverage
 from fewstep.core.models import GuidedDenoiser, ModuleDenoiser, trainable_copy
 from fewstep.core.objectives import agd as agd_mod
 from fewstep.core.objectives import distillation_dpo as ddpo_mod
@@ -32,10 +32,18 @@ from fewstep.core.objectives.guidance_embed import FixedGuidance, GuidanceEmbedd
 from fewstep.core.objectives.preference import dpo_logistic, rank_pairs
 from fewstep.core.objectives.pso import PSO, PSOConfig, pso_margin
 from fewstep.core.paths import make_path
-from fewstep.core.samplers import EulerSampler, FewStepSampler
-from fewstep.core.suite2d import COVER_RADIUS, MIN_MODES, distil, reference, sample_with
-from fewstep.core.toy import ToyData, mixture_centers
-from fewstep.core.training import NonFiniteLossError, TrainConfig, Trainer
+from fewstep.core.samplers import FewStepSampler
+from fewstep.core.suite2d import (
+    COVER_RADIUS,
+    GUIDED_SCALES,
+    MIN_MODES,
+    distil,
+    distil_guided,
+    reference,
+    sample_with,
+)
+from fewstep.core.toy import mixture_centers
+from fewstep.core.training import NonFiniteLossError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -50,7 +58,7 @@ def null_label(c):
 
 
 # Budgets: (objective config, train config). Checked over training seeds 0-2.
-GD = ({"scale_range": (1.0, 6.0)}, dict(steps=300, batch_size=128, lr=2e-3, ema_decay=0.95))
+GD = BUDGETS["guidance_distill"].configs(50)
 AGD_B = BUDGETS["agd"].configs(10)
 FLASH_RF = BUDGETS["flash_dmd"].configs(1)
 FLASH_2STEP = BUDGETS["flash_dmd"].configs(2)
@@ -60,8 +68,7 @@ DDPO_VP = BUDGETS["distillation_dpo"].configs(1, eps=True)
 DMD2_2STEP = BUDGETS["dmd2"].configs(2)
 PSO_B = BUDGETS["pso"].configs(2)
 
-W_EVAL = (3.0, 5.0)  # guidance scales the guided students are checked at
-N_GUIDED = 1000  # evaluation samples per scale
+W_EVAL = GUIDED_SCALES  # guidance scales the guided students are checked at
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -83,43 +90,15 @@ def assert_tilted(out, baseline: dict, margin: float, on_ring: float):
     assert got["on_ring"] > on_ring and got["covered"] >= MIN_MODES, (got, out)
 
 
-_GUIDED_REF: dict = {}
-
-
-def guided_reference(base, w: float):
-    """(noise, labels, the CFG teacher's 50-step samples at scale w), cached."""
-    key = (id(base), w)
-    if key not in _GUIDED_REF:
-        noise = torch.randn(N_GUIDED, 2, generator=torch.Generator().manual_seed(1234))
-        labels = torch.arange(N_GUIDED) % 8
-        with torch.no_grad():
-            ref = EulerSampler(50).sample(GuidedDenoiser(base, w, null_label), noise, labels).x
-        _GUIDED_REF[key] = noise, labels, ref
-    return _GUIDED_REF[key]
-
-
 def guided_run(base, objective_cls, budget, out_dir) -> dict:
-    """Distil the CFG teacher over ``base``; SW to the guided teacher at each scale in W_EVAL,
-    before (the unguided student) and after (the EMA student at that scale)."""
-    ocfg, tcfg = budget
-    objective = objective_cls(
-        GuidedDenoiser(base, 3.0, null_label), objective_cls.config_cls(**ocfg)
-    )
-    config = TrainConfig(**{"progress": False, "resume": False, "log_every": 50, **tcfg})
-    trainer = Trainer(
-        objective, trainable_copy(base), ToyData("mixture", conditional=True), config, out_dir
-    )
-    sampler = objective.student_sampler()
-
-    def sw(w):
-        noise, labels, ref = guided_reference(base, w)
-        student = FixedGuidance(trainer.sampling_denoiser().inner, w)
-        with torch.no_grad():
-            return sliced_wasserstein(sampler.sample(student, noise, labels).x, ref)
-
-    before = {w: sw(w) for w in W_EVAL}
-    trainer.fit()
-    return {"before": before, "after": {w: sw(w) for w in W_EVAL}, "trainer": trainer}
+    """SW to the CFG teacher at each scale in W_EVAL, before (the unguided student) and after
+    (the EMA student at that scale)."""
+    o = distil_guided(base, "", *budget, out_dir, objective_cls=objective_cls, scales=W_EVAL)
+    return {
+        "before": {w: s["sw"] for w, s in o.before.items()},
+        "after": {w: s["sw"] for w, s in o.after.items()},
+        "trainer": o.trainer,
+    }
 
 
 @pytest.fixture(scope="module")

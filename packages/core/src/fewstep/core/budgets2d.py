@@ -49,7 +49,6 @@ MF_CFG = {
     "fd_eps": 1e-2,
 }
 PAIRS = {"num_pairs": 2048, "pair_steps": 8, "solver": "euler"}  # teacher couplings
-GUIDANCE_EVAL_STEPS = 10  # guidance/adapter students keep a many-step sampler
 
 
 def small_student(teacher, hidden: int = 64, seed: int = 0) -> ModuleDenoiser:
@@ -158,21 +157,17 @@ BUDGETS: dict[str, Budget] = {
     "vdot": Budget(  # the OT term alone (no KL term): learning is the OT signal's doing
         {"fake_updates_per_student": 3, "dm_weight": 0.0}, _train(300, 2e-3)
     ),
-    "twinflow": Budget({}, _train(300, 2e-3, ema_decay=0.98)),
+    "twinflow": Budget({}, _train(300, 2e-3, ema_decay=0.98), nfe=(1,)),  # one-step generator
     # ---- guidance and preference (issue 3)
     "guidance_distill": Budget(
-        {"scale_range": (1.0, 6.0), "student_steps": GUIDANCE_EVAL_STEPS},
-        _train(300, 2e-3),
-        nfe=(GUIDANCE_EVAL_STEPS,),
-        vary_steps=False,
-        conditional=True,
+        {"scale_range": (1.0, 6.0)}, _train(300, 2e-3), nfe=(50,), vary_steps=False, guided=True
     ),
-    "agd": Budget(
-        {"scale_range": (1.0, 6.0), "student_steps": GUIDANCE_EVAL_STEPS, "adapter_rank": 2},
+    "agd": Budget(  # trained on the CFG teacher's 10-step Euler trajectories
+        {"scale_range": (1.0, 6.0), "student_steps": 10, "adapter_rank": 2},
         _train(150, 3e-3),
-        nfe=(GUIDANCE_EVAL_STEPS,),
+        nfe=(10,),
         vary_steps=False,
-        conditional=True,
+        guided=True,
     ),
     "pso": Budget(
         {"beta": 100.0},
@@ -239,10 +234,13 @@ BUDGETS: dict[str, Budget] = {
     ),
     # ---- reflow and progressive (issue 4)
     "reflow": Budget(PAIRS, _train(150, 2e-3)),
-    "instaflow": Budget({**PAIRS, "reflow_steps": 100, "target_steps": 4}, _train(200, 2e-3)),
+    "instaflow": Budget(  # reflow, then a one-step student
+        {**PAIRS, "reflow_steps": 100, "target_steps": 4}, _train(200, 2e-3), nfe=(1,)
+    ),
     "slimflow": Budget(
         {**PAIRS, "reflow_steps": 200, "anneal_steps": 100, "target_steps": 4},
         _train(300, 3e-3),
+        nfe=(1,),  # a one-step student
         student="small",
     ),
     "progressive": Budget(

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fewstep.core.metrics import mmd, mode_coverage, sliced_wasserstein
-from fewstep.core.models import Denoiser, trainable_copy
+from fewstep.core.models import Denoiser, GuidedDenoiser, trainable_copy
 from fewstep.core.objectives import get_objective
 from fewstep.core.objectives.base import Reward
 from fewstep.core.objectives.common import unguided
@@ -43,7 +43,8 @@ class Budget:
     vary_steps: bool = True  # False: the objective fixes its own sampler (e.g. compression)
     by_nfe: dict[int, dict[str, dict]] = field(default_factory=dict)  # k -> overrides
     eps: dict[str, dict] = field(default_factory=dict)  # overrides for eps-predicting teachers
-    conditional: bool = False  # needs a class-conditional teacher (guidance, partitions)
+    conditional: bool = False  # needs a class-conditional teacher (partitions, CFG terms)
+    guided: bool = False  # distils CFG into a scale-input student: ``distil_guided``
     reward: str | None = None  # name in REWARDS for reward-driven objectives
     student: str | None = None  # name in budgets2d.STUDENTS; None: a copy of the teacher
     init: str | None = None  # start from the student this objective's budget distils
@@ -77,6 +78,7 @@ class Outcome:
     mmd: float = math.nan  # MMD(distilled EMA student, teacher)
     trainer: Trainer | None = None  # for further checks (roles, sampler, ...)
     samples: Tensor | None = None  # the distilled student's evaluation samples
+    samples_before: Tensor | None = None  # the untrained student's, from the same noise
 
     def learned(self, ratio: float = 0.5, min_modes: int = MIN_MODES) -> bool:
         """SW fell below ``ratio`` x the untrained student's and the ring's modes are hit."""
@@ -159,8 +161,74 @@ def distil(
         out_dir,
     )
     noise, ref, cond = reference(teacher)
-    before = score(student_samples(trainer, noise, cond), ref, data, with_mmd=False)["sw"]
+    x_before = student_samples(trainer, noise, cond)
+    before = score(x_before, ref, data, with_mmd=False)["sw"]
     history = trainer.fit()
     x = student_samples(trainer, noise, cond)
     s = score(x, ref, data, with_mmd)
-    return Outcome(before, s["sw"], s["covered"], history, s["mmd"], trainer, x)
+    return Outcome(before, s["sw"], s["covered"], history, s["mmd"], trainer, x, x_before)
+
+
+# ------------------------------------------------------------------ guided students
+
+GUIDED_SCALES = (3.0, 5.0)  # CFG scales guided students are scored at
+N_GUIDED = 1000  # evaluation samples per scale
+_GUIDED_REF: dict = {}
+
+
+def guided_reference(base: Denoiser, w: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(noise, labels, the CFG teacher's 50-step samples at scale w) over a conditional toy
+    teacher ``base`` (its null label is the unconditional input), cached."""
+    key = (id(base), w)
+    if key not in _GUIDED_REF:
+        noise = torch.randn(N_GUIDED, 2, generator=torch.Generator().manual_seed(1234))
+        labels = torch.arange(N_GUIDED) % base.net.num_classes
+        with torch.no_grad():
+            ref = EulerSampler(TEACHER_STEPS).sample(_cfg_teacher(base, w), noise, labels).x
+        _GUIDED_REF[key] = noise, labels, ref
+    return _GUIDED_REF[key]
+
+
+def _cfg_teacher(base: Denoiser, w: float) -> GuidedDenoiser:
+    null = base.net.null_class
+    return GuidedDenoiser(base, w, lambda c: torch.full_like(c, null))
+
+
+@dataclass
+class GuidedOutcome:
+    before: dict[float, dict]  # scale -> score of the untrained student (the base at w = 1)
+    after: dict[float, dict]  # scale -> score of the distilled student run at that scale
+    trainer: Trainer
+
+
+def distil_guided(
+    base: Denoiser,
+    name: str,
+    objective_cfg: dict,
+    train_cfg: dict,
+    out_dir: str | Path = ".",
+    objective_cls=None,
+    scales: tuple[float, ...] = GUIDED_SCALES,
+    with_mmd: bool = False,
+) -> GuidedOutcome:
+    """Distil the CFG teacher over the conditional toy teacher ``base`` into a one-pass
+    student with the guidance scale as an input (guidance distillation, AGD), and score it at
+    each of ``scales`` against the CFG teacher's 50-step samples at that scale."""
+    from fewstep.core.objectives.guidance_embed import FixedGuidance
+
+    cls = objective_cls or get_objective(name)
+    objective = cls(_cfg_teacher(base, scales[0]), cls.config_cls(**objective_cfg))
+    config = TrainConfig(**{"progress": False, "resume": False, "log_every": 50, **train_cfg})
+    data = ToyData("mixture", conditional=True)
+    trainer = Trainer(objective, trainable_copy(base), data, config, out_dir)
+    sampler = objective.student_sampler()
+
+    def scored(w: float) -> dict:
+        noise, labels, ref = guided_reference(base, w)
+        student = FixedGuidance(trainer.sampling_denoiser().inner, w)
+        with torch.no_grad():
+            return score(sampler.sample(student, noise, labels).x, ref, with_mmd=with_mmd)
+
+    before = {w: scored(w) for w in scales}
+    trainer.fit()
+    return GuidedOutcome(before, {w: scored(w) for w in scales}, trainer)
