@@ -13,7 +13,29 @@ from torch import Tensor
 from fewstep.core.batch import Batch
 from fewstep.core.models import Denoiser
 from fewstep.core.paths import Path
-from fewstep.core.samplers import FewStepSampler
+from fewstep.core.samplers import EulerSampler, FewStepSampler
+
+
+def step_fractions(name: str, steps: int, fractions: tuple[float, ...] = ()) -> list[float]:
+    """The student's step start fractions 1 = f_0 > f_1 > ... > 0 of the path (1 = noise):
+    ``fractions`` (a config's ``student_times``) or ``steps`` uniform ones 1, 1 - 1/steps, ...;
+    ``name`` (the objective) is named in the error for anything else."""
+    if not fractions and steps < 1:
+        raise ValueError(f"{name}: student_steps must be >= 1, got {steps}")
+    fr = [float(f) for f in fractions] or [1.0 - i / steps for i in range(steps)]
+    if fr[0] != 1.0 or any(b >= a for a, b in zip(fr, fr[1:], strict=False)) or fr[-1] <= 0:
+        raise ValueError(
+            f"{name}: student_times must begin at 1.0 and strictly decrease inside (0, 1]; "
+            f"got {tuple(fr)}"
+        )
+    return fr
+
+
+def euler_grid(path: Path, steps: int, fractions: tuple[float, ...] = ()) -> EulerSampler:
+    """A deterministic few-step sampler (DDIM; Euler on rectified flow) on the student's step
+    fractions (``step_fractions``)."""
+    fr = step_fractions("euler_grid", steps, fractions)
+    return EulerSampler(times=[float(path.fraction_to_t(f)) for f in fr])
 
 
 def sample_times(path: Path, batch: Batch, frac_range: tuple[float, float] = (0.0, 1.0)) -> Tensor:

@@ -18,7 +18,7 @@ One trainer run: steps below ``reflow_steps`` are stage 1; at the last of them t
 is copied into the frozen role ``reflowed`` (``after_update``), which is checkpointed, so a
 run resumed after the switch keeps the same target. The student continues from its
 reflowed weights (InstaFlow initialises the distilled model from 2-rectified flow).
-Sampling: one Euler / DDIM step from the prior (``reflow.euler_grid``).
+Sampling: one Euler / DDIM step from the prior (``common.euler_grid``).
 """
 
 from __future__ import annotations
@@ -31,12 +31,11 @@ from torch import Tensor, nn
 
 from fewstep.core.batch import Batch
 from fewstep.core.models import Denoiser, frozen_copy
-from fewstep.core.objectives.common import sample_shape
+from fewstep.core.objectives.common import euler_grid, sample_shape
 from fewstep.core.objectives.reflow import (
     Reflow,
     ReflowConfig,
     default_huber_c,
-    euler_grid,
     per_sample,
     pseudo_huber_norm,
 )

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from fewstep.core.batch import Batch
 from fewstep.core.models import Denoiser, _batch_t, trainable_copy
-from fewstep.core.objectives.common import sample_shape, sample_times, unguided
+from fewstep.core.objectives.common import sample_shape, sample_times, step_fractions, unguided
 from fewstep.core.objectives.dmd2 import DMD2, DMD2Config, dmd_loss
 from fewstep.core.paths import Path
 from fewstep.core.samplers import EulerSampler, FewStepSampler, Sampler
@@ -245,12 +245,7 @@ class PhasedDMD(DMD2):
     def __init__(self, teacher, config=None, reward=None):
         super().__init__(teacher, config, reward)
         cfg = self.config
-        fr = self.phase_fractions()
-        if fr[0] != 1.0 or any(b >= a for a, b in zip(fr, fr[1:], strict=False)) or fr[-1] <= 0:
-            raise ValueError(
-                "phased_dmd needs phase start fractions that begin at 1.0 and strictly "
-                f"decrease inside (0, 1]; got student_times={tuple(fr)}"
-            )
+        self.phase_fractions()  # checks student_steps / student_times
         if cfg.phase_output not in ("ode", "sde"):
             raise ValueError(f"phase_output must be 'ode' or 'sde', got {cfg.phase_output!r}")
         if cfg.subinterval not in ("nested", "phase"):
@@ -261,12 +256,7 @@ class PhasedDMD(DMD2):
             raise ValueError("phased_dmd has no GAN head; set gan_weight=0 (or use dmd2)")
 
     def phase_fractions(self) -> list[float]:
-        cfg = self.config
-        if cfg.student_times:
-            return [float(f) for f in cfg.student_times]
-        if cfg.student_steps < 1:
-            raise ValueError(f"student_steps must be >= 1, got {cfg.student_steps}")
-        return [1.0 - i / cfg.student_steps for i in range(cfg.student_steps)]
+        return step_fractions(self.name, self.config.student_steps, self.config.student_times)
 
     def native_times(self) -> list[Tensor]:
         return [self.path.fraction_to_t(f) for f in self.phase_fractions()]

@@ -21,7 +21,7 @@ One trainer run: round r = min(step // round_steps, rounds - 1) distils the N = 
 later rounds' is the frozen role ``round_teacher``, into which ``after_update`` copies the
 student at each round boundary (checkpointed, so resuming mid-run is exact). Sampling is
 deterministic DDIM with ``student_steps`` uniform steps (``EulerSampler``; see
-``reflow.euler_grid``).
+``common.euler_grid``).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from torch import Tensor, nn
 from fewstep.core.batch import Batch
 from fewstep.core.models import Denoiser, frozen_copy
 from fewstep.core.objectives.base import Objective, ObjectiveConfig
-from fewstep.core.objectives.common import noised
-from fewstep.core.objectives.reflow import euler_grid, per_sample
+from fewstep.core.objectives.common import euler_grid, noised
+from fewstep.core.objectives.reflow import per_sample
 from fewstep.core.paths import Path
 from fewstep.core.samplers import EulerSampler
 

@@ -54,7 +54,13 @@ from torch import Tensor, nn
 from fewstep.core.batch import Batch
 from fewstep.core.models import Denoiser
 from fewstep.core.objectives.base import Objective, ObjectiveConfig
-from fewstep.core.objectives.common import first, sample_shape, unguided
+from fewstep.core.objectives.common import (
+    euler_grid,
+    first,
+    sample_shape,
+    step_fractions,
+    unguided,
+)
 from fewstep.core.paths import PREDICTIONS, Path
 from fewstep.core.samplers import EulerSampler, HeunSampler
 
@@ -141,13 +147,6 @@ def ode_solution(
     return sampler.sample(model, z, cond).x
 
 
-def euler_grid(path: Path, steps: int, fractions: tuple[float, ...] = ()) -> EulerSampler:
-    """A deterministic few-step sampler (DDIM; Euler on rectified flow) on ``fractions`` of
-    the path (1 = noise), or ``steps`` uniform fractions 1, 1 - 1/steps, ..., 1/steps."""
-    fr = list(fractions) if fractions else [1.0 - i / steps for i in range(steps)]
-    return EulerSampler(times=[float(path.fraction_to_t(f)) for f in fr])
-
-
 class PairBuffer(nn.Module):
     """Teacher couplings as buffers (so checkpoints carry them): noise z (N, ...), the
     teacher's ODE solution x0 (N, ...) and, for conditional teachers, their conditions."""
@@ -176,15 +175,6 @@ class PairBuffer(nn.Module):
         else:
             cond = None if self.cond is None else self.cond[idx]
         return self.z[idx], self.x0[idx], cond
-
-
-def check_fractions(name: str, fractions: tuple[float, ...]) -> None:
-    if any(not 0.0 < f <= 1.0 for f in fractions) or list(fractions) != sorted(
-        fractions, reverse=True
-    ):
-        raise ValueError(
-            f"{name}: student_times must be decreasing path fractions in (0, 1], got {fractions}"
-        )
 
 
 # ------------------------------------------------------------------------------ objective
@@ -231,7 +221,7 @@ class Reflow(Objective):
             )
         if cfg.huber_c < 0 or not 0.0 <= cfg.feature_frac <= 1.0:
             raise ValueError(f"{self.name}: need huber_c >= 0 and feature_frac in [0, 1]")
-        check_fractions(self.name, cfg.student_times)
+        step_fractions(self.name, cfg.student_steps, cfg.student_times)
 
     # --- roles ------------------------------------------------------------------------------
     def build_roles(self, student: Denoiser, example: Batch) -> dict[str, nn.Module]:

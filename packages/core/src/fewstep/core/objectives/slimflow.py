@@ -37,9 +37,8 @@ import torch
 from torch import Tensor
 
 from fewstep.core.batch import Batch
-from fewstep.core.objectives.common import sample_shape
+from fewstep.core.objectives.common import euler_grid, sample_shape
 from fewstep.core.objectives.instaflow import InstaFlow, InstaFlowConfig, sample_distance
-from fewstep.core.objectives.reflow import euler_grid
 
 
 @dataclass

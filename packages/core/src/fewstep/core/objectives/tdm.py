@@ -41,7 +41,7 @@ from torch import Tensor
 
 from fewstep.core.batch import Batch
 from fewstep.core.models import Denoiser, _batch_t
-from fewstep.core.objectives.common import sample_shape
+from fewstep.core.objectives.common import sample_shape, step_fractions
 from fewstep.core.objectives.dmd2 import DMD2, DMD2Config, dmd_loss
 from fewstep.core.objectives.phased_dmd import diffuse_from
 from fewstep.core.samplers import EulerSampler, Sampler
@@ -77,24 +77,14 @@ class TDM(DMD2):
     def __init__(self, teacher, config=None, reward=None):
         super().__init__(teacher, config, reward)
         cfg = self.config
-        fr = self.fractions()
-        if fr[0] != 1.0 or any(b >= a for a, b in zip(fr, fr[1:], strict=False)) or fr[-1] <= 0:
-            raise ValueError(
-                "tdm needs student step fractions that begin at 1.0 and strictly decrease "
-                f"inside (0, 1]; got {tuple(fr)}"
-            )
+        self.fractions()  # checks student_steps / student_times
         if cfg.snr_clip <= 0:
             raise ValueError(f"snr_clip must be > 0, got {cfg.snr_clip}")
         if cfg.gan_weight > 0:
             raise ValueError("tdm has no GAN head; set gan_weight=0 (or use dmd2)")
 
     def fractions(self) -> list[float]:
-        cfg = self.config
-        if cfg.student_times:
-            return [float(f) for f in cfg.student_times]
-        if cfg.student_steps < 1:
-            raise ValueError(f"student_steps must be >= 1, got {cfg.student_steps}")
-        return [1.0 - i / cfg.student_steps for i in range(cfg.student_steps)]
+        return step_fractions(self.name, self.config.student_steps, self.config.student_times)
 
     def student_sampler(self) -> Sampler:
         """Deterministic: the student's DDIM steps with its own eps (TDM's sampler)."""
