@@ -18,7 +18,7 @@ from torch import nn
 from fewstep.core.batch import Batch, StepRNG
 from fewstep.core.budgets2d import BUDGETS
 from fewstep.core.models import ModuleDenoiser, trainable_copy
-from fewstep.core.objectives import disback as disback_mod
+from fewstep.core.objectives import dmd2 as dmd2_mod
 from fewstep.core.objectives import twinflow as twinflow_mod
 from fewstep.core.objectives import vdot as vdot_mod
 from fewstep.core.objectives.disback import DisBack, DisBackConfig
@@ -95,13 +95,13 @@ def test_sabotage_disback_backtracks_the_wrong_way(rf_teacher, tmp_path, monkeyp
 
 
 def test_sabotage_disback_gradient_sign(rf_teacher, tmp_path, monkeypatch):
-    honest = disback_mod.dmd_loss
+    honest = dmd2_mod.dmd_loss  # the DM term every DMD-family objective shares (dm_term)
 
     def ascent(x, x0_real, x0_fake):
         loss, gnorm = honest(x, x0_real, x0_fake)
         return -loss, gnorm
 
-    monkeypatch.setattr(disback_mod, "dmd_loss", ascent)
+    monkeypatch.setattr(dmd2_mod, "dmd_loss", ascent)
     out = distil_or_diverge(rf_teacher, "disback", *with_backtrack(DISBACK_RF), tmp_path)
     assert out is None or (not out.learned() and out.after > 0.8 * out.before), out
 

@@ -42,12 +42,10 @@ from fewstep.core.models import Denoiser, GuidedDenoiser, frozen_copy, trainable
 from fewstep.core.objectives.base import Objective, ObjectiveConfig
 from fewstep.core.objectives.common import (
     denoising_loss,
-    noised,
-    sample_times,
     student_x0,
     unguided,
 )
-from fewstep.core.objectives.dmd2 import dmd_loss
+from fewstep.core.objectives.dmd2 import dm_term
 
 
 @dataclass
@@ -148,14 +146,8 @@ class DisBack(Objective):
             k = self.target_index(step)
             if k < 0:
                 raise RuntimeError(f"disback updates the student in stage 1 (step {step})")
-            t = sample_times(self.path, batch, cfg.t_range)
-            x_t, _ = noised(self.path, x.detach(), t, batch)
-            with torch.no_grad():
-                x0_real = self.real_score(roles, k).predict(x_t, t, batch.cond, kind="x0")
-                x0_fake = fake.predict(x_t, t, batch.cond, kind="x0")
-            loss, gnorm = dmd_loss(x, x0_real, x0_fake)
-            logs["dm_loss"] = loss.item()
-            logs["dm_grad_norm"] = gnorm.mean().item()
+            loss, dm_logs = dm_term(self.real_score(roles, k), fake, x, batch, cfg.t_range)
+            logs.update(dm_logs)
             logs["target"] = float(k)
             losses["student"] = loss
 

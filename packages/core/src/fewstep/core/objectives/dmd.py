@@ -36,14 +36,12 @@ from fewstep.core.models import Denoiser, _batch_t, trainable_copy
 from fewstep.core.objectives.base import Objective, ObjectiveConfig
 from fewstep.core.objectives.common import (
     denoising_loss,
-    noised,
     sample_shape,
-    sample_times,
     student_x0,
     unguided,
 )
 from fewstep.core.objectives.consistency import pseudo_huber
-from fewstep.core.objectives.dmd2 import dmd_loss
+from fewstep.core.objectives.dmd2 import dm_term
 from fewstep.core.samplers import EulerSampler, HeunSampler
 
 
@@ -160,17 +158,12 @@ class DMD(Objective):
             x, _ = student_x0(student, self.student_sampler(), batch, cfg.backward_simulation)
 
         if "student" in update:
-            t = sample_times(self.path, batch, cfg.t_range)
-            x_t, _ = noised(self.path, x.detach(), t, batch)
-            with torch.no_grad():
-                x0_real = self.teacher.predict(x_t, t, batch.cond, kind="x0")
-                x0_fake = fake.predict(x_t, t, batch.cond, kind="x0")
-            dm, gnorm = dmd_loss(x, x0_real, x0_fake)
+            dm, dm_logs = dm_term(self.teacher, fake, x, batch, cfg.t_range)
             noise, target, cond = pairs.take(batch.rng.randint(0, len(pairs)))
             reg = regression_loss(
                 self.one_jump(student, noise, cond), target, cfg.reg_metric, cfg.huber_c
             )
-            logs.update(dm_loss=dm.item(), dm_grad_norm=gnorm.mean().item(), reg_loss=reg.item())
+            logs.update(dm_logs, reg_loss=reg.item())
             losses["student"] = dm + cfg.reg_weight * reg
 
         if "fake_score" in update:

@@ -73,6 +73,22 @@ def dmd_loss(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> tuple[Tensor, Tenso
     return loss, grad.flatten(1).norm(dim=1)
 
 
+def dm_term(
+    real: Denoiser, fake: Denoiser, x: Tensor, batch: Batch, t_range: tuple[float, float]
+) -> tuple[Tensor, dict]:
+    """DMD's distribution-matching term for samples x (with gradient): noise the detached x at
+    times drawn from ``t_range`` (path fractions), take both scores' x0 there without
+    gradient, and return (``dmd_loss``, logs {dm_loss, dm_grad_norm})."""
+    path = real.path
+    t = sample_times(path, batch, t_range)
+    x_t, _ = noised(path, x.detach(), t, batch)
+    with torch.no_grad():
+        x0_real = real.predict(x_t, t, batch.cond, kind="x0")
+        x0_fake = fake.predict(x_t, t, batch.cond, kind="x0")
+    loss, gnorm = dmd_loss(x, x0_real, x0_fake)
+    return loss, {"dm_loss": loss.item(), "dm_grad_norm": gnorm.mean().item()}
+
+
 def gan_critic_loss(critic, path, x_fake: Tensor, t: Tensor, batch: Batch) -> tuple[Tensor, float]:
     """DMD2 eq. 4, critic side: non-saturating loss of the head on the fake score's features
     separating noised real data (batch.x) from noised student samples at times t.
@@ -125,14 +141,8 @@ class DMD2(Objective):
             x = self.generate(student, batch)
 
         if "student" in update:
-            t = sample_times(self.path, batch, cfg.t_range)
-            x_t, _ = noised(self.path, x.detach(), t, batch)
-            with torch.no_grad():
-                x0_real = self.teacher.predict(x_t, t, batch.cond, kind="x0")
-                x0_fake = fake.predict(x_t, t, batch.cond, kind="x0")
-            loss, gnorm = dmd_loss(x, x0_real, x0_fake)
-            logs["dm_loss"] = loss.item()
-            logs["dm_grad_norm"] = gnorm.mean().item()
+            loss, dm_logs = dm_term(self.teacher, fake, x, batch, cfg.t_range)
+            logs.update(dm_logs)
             if cfg.gan_weight > 0:
                 t_g = sample_times(self.path, batch, cfg.t_range)
                 xg_t, _ = noised(self.path, x, t_g, batch)

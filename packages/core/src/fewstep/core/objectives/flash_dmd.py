@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fewstep.core.objectives.common import denoising_loss, noised, sample_times, student_x0
-from fewstep.core.objectives.dmd2 import DMD2, DMD2Config, dmd_loss, gan_critic_loss
+from fewstep.core.objectives.common import denoising_loss, noised, student_x0
+from fewstep.core.objectives.dmd2 import DMD2, DMD2Config, dm_term, gan_critic_loss
 from fewstep.core.objectives.preference import call_reward
 
 
@@ -87,14 +87,8 @@ class FlashDMD(DMD2):
                 loss = cfg.gan_weight * F.softplus(-logits).mean()
                 logs["gan_student"] = loss.item() / cfg.gan_weight
             else:  # high-noise step: distribution matching only
-                t = sample_times(self.path, batch, cfg.t_range)
-                x_t, _ = noised(self.path, x.detach(), t, batch)
-                with torch.no_grad():
-                    x0_real = self.teacher.predict(x_t, t, batch.cond, kind="x0")
-                    x0_fake = fake.predict(x_t, t, batch.cond, kind="x0")
-                loss, gnorm = dmd_loss(x, x0_real, x0_fake)
-                logs["dm_loss"] = loss.item()
-                logs["dm_grad_norm"] = gnorm.mean().item()
+                loss, dm_logs = dm_term(self.teacher, fake, x, batch, cfg.t_range)
+                logs.update(dm_logs)
             if cfg.reward_weight > 0 and step >= cfg.reward_start:  # stage two: joint reward
                 r = call_reward(self.reward, x, batch.cond, self.name)
                 logs["reward"] = r.mean().item()

@@ -37,12 +37,10 @@ from fewstep.core.models import trainable_copy
 from fewstep.core.objectives.base import Objective, ObjectiveConfig
 from fewstep.core.objectives.common import (
     denoising_loss,
-    noised,
     sample_shape,
-    sample_times,
     unguided,
 )
-from fewstep.core.objectives.dmd2 import dmd_loss
+from fewstep.core.objectives.dmd2 import dm_term
 from fewstep.core.objectives.meanflow import (
     FlowMapDenoiser,
     _check_choice,
@@ -175,13 +173,9 @@ class FlowMapDistillation(Objective):
             logs.update(prediction_loss=loss.item(), prediction_sq_err=sq.mean().item())
             if cfg.corrector_weight > 0:
                 x0 = self.generate(student, x_top, batch)
-                t = sample_times(path, batch, cfg.corrector_t_range)
-                x_t, _ = noised(path, x0.detach(), t, batch)
-                with torch.no_grad():
-                    x0_real = self.teacher.predict(x_t, t, batch.cond, kind="x0")
-                    x0_fake = fake.predict(x_t, t, batch.cond, kind="x0")
-                corr, gnorm = dmd_loss(x0, x0_real, x0_fake)
-                logs.update(correction_loss=corr.item(), correction_grad_norm=gnorm.mean().item())
+                corr, dm_logs = dm_term(self.teacher, fake, x0, batch, cfg.corrector_t_range)
+                logs.update(correction_loss=dm_logs["dm_loss"])
+                logs.update(correction_grad_norm=dm_logs["dm_grad_norm"])
                 loss = loss + cfg.corrector_weight * corr
             losses["student"] = loss
         if "fake_score" in update:

@@ -25,12 +25,10 @@ from fewstep.core.batch import Batch
 from fewstep.core.models import Denoiser, trainable_copy
 from fewstep.core.objectives.common import (
     denoising_loss,
-    noised,
-    sample_times,
     student_x0,
     unguided,
 )
-from fewstep.core.objectives.dmd2 import dmd_loss
+from fewstep.core.objectives.dmd2 import dm_term
 from fewstep.core.objectives.scm import SCM, SCMConfig
 
 
@@ -79,14 +77,8 @@ class RCM(SCM):
             loss, logs = self.scm_loss(roles, x_t, t, dxdt, cond, step)
             if step >= self.dmd_start and cfg.dmd_weight > 0:
                 x = self.generate(roles, batch)
-                t_d = sample_times(self.path, batch, cfg.dmd_t_range)
-                x_d, _ = noised(self.path, x.detach(), t_d, batch)
-                with torch.no_grad():
-                    x0_real = self.teacher.predict(x_d, t_d, batch.cond, kind="x0")
-                    x0_fake = fake.predict(x_d, t_d, batch.cond, kind="x0")
-                dmd, gnorm = dmd_loss(x, x0_real, x0_fake)
-                logs["dm_loss"] = dmd.item()
-                logs["dm_grad_norm"] = gnorm.mean().item()
+                dmd, dm_logs = dm_term(self.teacher, fake, x, batch, cfg.dmd_t_range)
+                logs.update(dm_logs)
                 loss = loss + cfg.dmd_weight * dmd
             for r in update:
                 if r != "fake_score":
