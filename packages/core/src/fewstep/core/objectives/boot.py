@@ -34,8 +34,8 @@ from torch import Tensor
 
 from fewstep.core.models import Denoiser, _batch_t
 from fewstep.core.objectives.base import Objective, ObjectiveConfig
-from fewstep.core.objectives.common import ode_step, sample_shape
-from fewstep.core.objectives.meanflow import _check_choice, _col
+from fewstep.core.objectives.common import check_choice, ode_step, sample_shape
+from fewstep.core.paths import _bcast
 from fewstep.core.samplers import FlowMapSampler
 
 
@@ -81,7 +81,7 @@ class BOOTGenerator(Denoiser):
         eps = x_t / float(path.sigma(torch.tensor(float(path.t_max))))
         a, s = path.coeffs(r, x_t)
         x_r = a * self.signal(x_t, r, cond) + s * eps
-        return (x_t - x_r) / _col(t - r, x_t)
+        return (x_t - x_r) / _bcast(t - r, x_t)
 
 
 def boot_target(
@@ -119,8 +119,8 @@ class BOOT(Objective):
     def __init__(self, teacher, config=None, reward=None):
         super().__init__(teacher, config, reward)
         cfg = self.config
-        _check_choice("teacher_solver", cfg.teacher_solver, ("euler", "heun"))
-        _check_choice("weighting", cfg.weighting, ("signal", "x"))
+        check_choice("teacher_solver", cfg.teacher_solver, ("euler", "heun"))
+        check_choice("weighting", cfg.weighting, ("signal", "x"))
         if cfg.num_intervals < 1:
             raise ValueError(f"num_intervals must be >= 1, got {cfg.num_intervals}")
         if cfg.student_steps != 1 or cfg.student_times not in ((), (1.0,), [1.0]):

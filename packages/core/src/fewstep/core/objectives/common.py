@@ -16,6 +16,12 @@ from fewstep.core.paths import Path
 from fewstep.core.samplers import EulerSampler, FewStepSampler
 
 
+def check_choice(name: str, value, allowed) -> None:
+    """A config field that must be one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
 def step_fractions(name: str, steps: int, fractions: tuple[float, ...] = ()) -> list[float]:
     """The student's step start fractions 1 = f_0 > f_1 > ... > 0 of the path (1 = noise):
     ``fractions`` (a config's ``student_times``) or ``steps`` uniform ones 1, 1 - 1/steps, ...;

@@ -36,6 +36,7 @@ from fewstep.core.batch import Batch
 from fewstep.core.models import trainable_copy
 from fewstep.core.objectives.base import Objective, ObjectiveConfig
 from fewstep.core.objectives.common import (
+    check_choice,
     denoising_loss,
     sample_shape,
     unguided,
@@ -43,8 +44,6 @@ from fewstep.core.objectives.common import (
 from fewstep.core.objectives.dmd2 import dm_term
 from fewstep.core.objectives.meanflow import (
     FlowMapDenoiser,
-    _check_choice,
-    _col,
     adaptive_l2,
     as_flow_map,
     check_flow_map_sampling,
@@ -54,6 +53,7 @@ from fewstep.core.objectives.meanflow import (
     span,
     to_native,
 )
+from fewstep.core.paths import _bcast
 
 
 @dataclass
@@ -87,7 +87,7 @@ def flow_map_prediction_target(
     tangents = (torch.zeros_like(x_t), torch.zeros_like(t), torch.ones_like(r))
     u, du_dr = jvp(u_fn, (x_t, t, r), tangents, mode, fd_eps)
     with torch.no_grad():
-        gap = _col(t - r, x_t)
+        gap = _bcast(t - r, x_t)
         v = v_fn(x_t - gap * u.detach(), r)
         target = v + gap * du_dr.detach()
     return u, target
@@ -103,7 +103,7 @@ class FlowMapDistillation(Objective):
     def __init__(self, teacher, config=None, reward=None):
         super().__init__(teacher, config, reward)
         cfg = self.config
-        _check_choice("jvp_mode", cfg.jvp_mode, ("exact", "finite_difference"))
+        check_choice("jvp_mode", cfg.jvp_mode, ("exact", "finite_difference"))
         for name in ("prior_start", "r_eq_t"):
             if not 0.0 <= getattr(cfg, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
@@ -162,7 +162,7 @@ class FlowMapDistillation(Objective):
             s, q = self.draw_t_r(batch)
             with torch.no_grad():  # the student's own state at s, reached from the prior
                 x_s = student.jump(x_top, path.t_max, to_native(path, s), batch.cond)
-                x_s = torch.where(_col(s, x_s) >= 1.0, x_top, x_s)
+                x_s = torch.where(_bcast(s, x_s) >= 1.0, x_top, x_s)
 
             def v_fn(x, q):
                 return scale * self.teacher.predict(x, to_native(path, q), batch.cond, "velocity")

@@ -59,7 +59,14 @@ from torch import Tensor, nn
 from fewstep.core.batch import Batch
 from fewstep.core.models import Denoiser, _batch_t
 from fewstep.core.objectives.base import Objective, ObjectiveConfig
-from fewstep.core.objectives.common import jvp, noised, ode_step, sample_shape, unguided
+from fewstep.core.objectives.common import (
+    check_choice,
+    jvp,
+    noised,
+    ode_step,
+    sample_shape,
+    unguided,
+)
 from fewstep.core.paths import Path, _bcast
 from fewstep.core.samplers import FlowMapSampler
 from fewstep.core.toy import sinusoidal_embedding, sinusoidal_frequencies
@@ -80,11 +87,6 @@ def span(path: Path) -> float:
 def to_native(path: Path, f: Tensor) -> Tensor:
     """Path fractions (differentiable, any shape) -> native times."""
     return float(path.t_min) + span(path) * f
-
-
-def _col(v: Tensor, like: Tensor) -> Tensor:
-    """(B,) -> (B, 1, ..., 1) broadcastable against ``like``."""
-    return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
 def secant_slopes(path: Path, t: Tensor, r: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -212,7 +214,7 @@ class FlowMapDenoiser(Denoiser):
     def jump(self, x_t: Tensor, t, r, cond=None) -> Tensor:
         """x_r = x_t - (t - r) u(x_t, t, r) (MeanFlow eq. 12)."""
         t, r = _batch_t(t, x_t), _batch_t(r, x_t)
-        return x_t - _col(t - r, x_t) * self.average_velocity(x_t, t, r, cond)
+        return x_t - _bcast(t - r, x_t) * self.average_velocity(x_t, t, r, cond)
 
 
 def as_flow_map(student: Denoiser, time_module=None, gap_features=32, gap_hidden=128):
@@ -250,7 +252,7 @@ def meanflow_target(
     x_t, v: (B, ...); t, r: (B,); the total derivative is one JVP with tangents (v, 1, 0).
     u carries the gradient; the target is detached."""
     u, dudt = jvp(u_fn, (x_t, t, r), (v, torch.ones_like(t), torch.zeros_like(r)), mode, fd_eps)
-    return u, (v - _col(t - r, v) * dudt).detach()
+    return u, (v - _bcast(t - r, v) * dudt).detach()
 
 
 def adaptive_l2(delta: Tensor, p: float, c: float) -> tuple[Tensor, Tensor]:
@@ -319,11 +321,6 @@ class MeanFlowConfig(ObjectiveConfig):
     gap_hidden: int = 128  # hidden width of the gap embedding MLP
 
 
-def _check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-
-
 def check_flow_map_sampling(cfg: ObjectiveConfig, name: str) -> None:
     """Student steps / times valid for a ``FlowMapSampler``."""
     if cfg.student_steps < 1:
@@ -347,11 +344,11 @@ class MeanFlow(Objective):
     def __init__(self, teacher, config=None, reward=None):
         super().__init__(teacher, config, reward)
         cfg = self.config
-        _check_choice("x_source", cfg.x_source, ("teacher_ode", "data"))
-        _check_choice("t_density", cfg.t_density, ("uniform", "logit_normal"))
-        _check_choice("jvp_mode", cfg.jvp_mode, ("exact", "finite_difference"))
-        _check_choice("bootstrap_velocity", cfg.bootstrap_velocity, ("self", "data"))
-        _check_choice("teacher_solver", cfg.teacher_solver, ("euler", "heun"))
+        check_choice("x_source", cfg.x_source, ("teacher_ode", "data"))
+        check_choice("t_density", cfg.t_density, ("uniform", "logit_normal"))
+        check_choice("jvp_mode", cfg.jvp_mode, ("exact", "finite_difference"))
+        check_choice("bootstrap_velocity", cfg.bootstrap_velocity, ("self", "data"))
+        check_choice("teacher_solver", cfg.teacher_solver, ("euler", "heun"))
         if not 0.0 <= cfg.r_neq_t <= 1.0 or not 0.0 <= cfg.r_zero <= 1.0:
             raise ValueError(
                 f"r_neq_t and r_zero must be in [0, 1], got {cfg.r_neq_t} and {cfg.r_zero}"
@@ -469,7 +466,7 @@ class MeanFlow(Objective):
                 batch.cond,
                 cfg.teacher_solver,
             )
-            gap = _col(s - q, x_t)
+            gap = _bcast(s - q, x_t)
             wide = gap > 1e-6
             jumps = (x_t - x_r) / torch.where(wide, gap, torch.ones_like(gap))
             target = torch.where(wide, jumps, self.teacher_velocity(x_t, s, batch.cond))
