@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fewstep.core.batch import Batch, StepRNG
-from fewstep.core.budgets2d import BUDGETS
+from fewstep.core.budgets2d import BUDGETS, small_student
 from fewstep.core.metrics import sliced_wasserstein
 from fewstep.core.models import ModuleDenoiser, trainable_copy
 from fewstep.core.objectives import dense2moe as moe_mod
@@ -31,7 +31,7 @@ from fewstep.core.objectives import quantized as q_mod
 from fewstep.core.paths import make_path
 from fewstep.core.samplers import EulerSampler
 from fewstep.core.suite2d import Budget, distil, reference, sample_with
-from fewstep.core.toy import ToyData, ToyMLP, toy_feature_fn
+from fewstep.core.toy import ToyData
 from fewstep.core.training import NonFiniteLossError, TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -53,13 +53,6 @@ KDMI_MI_ONLY = Budget(  # the MI term alone (no prediction KD): does it raise th
     objective={"sampler_steps": 10, "match_weight": 0.0, "mi_weight": 1.0},
     train=dict(steps=80, batch_size=128, lr=3e-3, ema_decay=0.0, log_every=10),
 )
-
-
-def small_student(teacher, hidden: int = 64, seed: int = 0) -> ModuleDenoiser:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = ToyMLP(hidden=hidden)
-    return ModuleDenoiser(net, teacher.path, teacher.prediction, feature_fn=toy_feature_fn)
 
 
 def example_batch(n: int = 128, seed: int = 0) -> Batch:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fewstep.core.batch import Batch, StepRNG
-from fewstep.core.budgets2d import BUDGETS
+from fewstep.core.budgets2d import BUDGETS, fresh_student
 from fewstep.core.metrics import mode_coverage, sliced_wasserstein
 from fewstep.core.models import GuidedDenoiser, ModuleDenoiser
 from fewstep.core.objectives import phased_dmd as phased_mod
@@ -40,7 +40,7 @@ from fewstep.core.objectives.phased_dmd import (
 from fewstep.core.objectives.tdm import TDM, TDMConfig, TrajectoryDraw
 from fewstep.core.paths import RectifiedFlow
 from fewstep.core.suite2d import COVER_RADIUS, MIN_MODES, distil, reference, sample_with
-from fewstep.core.toy import ToyData, ToyMLP, mixture_centers, toy_feature_fn
+from fewstep.core.toy import ToyData, mixture_centers
 from fewstep.core.training import NonFiniteLossError, TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -93,13 +93,6 @@ def tiny(seed: int, classes: int = 0, prediction: str = "velocity") -> ModuleDen
 def make_batch(n: int, cond=None, seed: int = 0, step: int = 0) -> Batch:
     rng = StepRNG(seed, step, 0, global_size=n, offset=0, local_size=n)
     return Batch(x=None, cond=cond, rng=rng, extras={"sample_shape": (2,)})
-
-
-def fresh_student(teacher, seed: int = 0) -> ModuleDenoiser:
-    """A randomly initialised conditional student of the teacher's architecture."""
-    torch.manual_seed(100 + seed)
-    net = ToyMLP(num_classes=teacher.net.num_classes)
-    return ModuleDenoiser(net, teacher.path, teacher.prediction, feature_fn=toy_feature_fn)
 
 
 def dmd_grad(x, x0_real, x0_fake):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fewstep.core.batch import Batch, StepRNG
-from fewstep.core.budgets2d import BUDGETS
+from fewstep.core.budgets2d import BUDGETS, small_student
 from fewstep.core.models import ModuleDenoiser, trainable_copy
 from fewstep.core.objectives import instaflow as instaflow_mod
 from fewstep.core.objectives import progressive as progressive_mod
@@ -40,16 +40,10 @@ INSTAFLOW = BUDGETS["instaflow"]
 SLIMFLOW = BUDGETS["slimflow"]
 PROGRESSIVE_1 = BUDGETS["progressive"]
 PROGRESSIVE_2 = Budget(*BUDGETS["progressive"].configs(2))
-SMALL_HIDDEN = 64  # SlimFlow's student: ToyMLP(hidden=64), about 0.28x the teacher's size
 
 
 def run(teacher, name, budget, tmp_path, **kw):
     return distil(teacher, name, budget.objective, budget.train, tmp_path, **kw)
-
-
-def small_student(teacher, seed=0):
-    torch.manual_seed(seed)
-    return ModuleDenoiser(ToyMLP(hidden=SMALL_HIDDEN), teacher.path, teacher.prediction)
 
 
 def endpoint_gap(x, teacher):
