@@ -50,6 +50,12 @@ CASES = {  # label: (objective, objective config)
     "dmd2_gan": ("dmd2", {"fake_updates_per_student": 2, "gan_weight": 0.1}),
     # real data, an EMA target updated in after_update
     "consistency": ("consistency", {}),
+    # one expert per phase (phase 0 at step 0, phase 1 after): the idle expert has no gradient
+    # on any rank and must not be stepped (Adam would move it on its momentum)
+    "phased_dmd": (
+        "phased_dmd",
+        {"fake_updates_per_student": 1, "student_steps": 2, "phase_steps": 1},
+    ),
 }
 
 

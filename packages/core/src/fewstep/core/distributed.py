@@ -58,18 +58,22 @@ def broadcast_module_(module: nn.Module, info: DistInfo) -> None:
 
 
 def average_gradients_(params: list[nn.Parameter], info: DistInfo) -> None:
-    """Mean of gradients over ranks, in one flat all-reduce. Missing gradients count as
-    zeros so every rank issues the same collective."""
+    """Mean of gradients over ranks, in one flat all-reduce. A gradient missing on a rank
+    counts as zeros there, so every rank issues the same collective; a parameter no rank
+    has a gradient for (an expert of a phase not trained this step) keeps ``grad = None``,
+    so the optimiser skips it exactly as in a single process."""
     if not info.enabled or not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    has = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device)
+    flat = torch.cat([g.reshape(-1) for g in grads] + [has.to(grads[0].dtype)])
     dist.all_reduce(flat)
+    present = flat[-len(params) :] > 0
     flat /= info.world_size
     offset = 0
-    for p, g in zip(params, grads, strict=True):
+    for p, g, ok in zip(params, grads, present.tolist(), strict=True):
         n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
+        p.grad = flat[offset : offset + n].view_as(p).clone() if ok else None
         offset += n
 
 
