@@ -5,7 +5,10 @@ table over all objectives). A run trains a trainable copy of the teacher (or a g
 student) with the ``Trainer`` and compares the student's samples with the teacher's 50-step
 Euler samples from the same noise: sliced Wasserstein distance (SW), MMD, and for the ring
 of Gaussians the number of modes covered. The untrained student (the teacher sampled in the
-student's few jumps) is the baseline every objective must beat by a wide margin.
+student's few jumps) is the baseline every objective must beat by a wide margin. Guidance
+objectives (CFG into a one-pass student with the scale as an input) run through
+``distil_guided`` and are scored per scale against the CFG teacher. Per-objective settings
+live in ``fewstep.core.budgets2d``.
 """
 
 from __future__ import annotations
