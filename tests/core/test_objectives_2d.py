@@ -115,3 +115,21 @@ def test_sabotage_consistency_without_teacher_step(rf_teacher, tmp_path, monkeyp
     # Gaussian noise onto the nearest mode; the budget must be past it.
     assert not out.learned(), out
     assert out.covered < MIN_MODES, out
+
+
+def test_dmd2_gan_times_follow_gan_t_range(rf_teacher):
+    """The GAN head sees samples at ``gan_t_range`` (path fractions) when set, else at the
+    DM loss's ``t_range`` as in the paper; a malformed range is refused by name."""
+    from fewstep.core.batch import Batch, StepRNG
+    from fewstep.core.objectives.dmd2 import DMD2, DMD2Config
+
+    batch = Batch(x=None, cond=None, rng=StepRNG(0, 0, 0, 512, 0, 512), extras={})
+    path = rf_teacher.path
+    low = DMD2(rf_teacher, DMD2Config(gan_t_range=(0.0, 0.1))).gan_times(batch, None)
+    assert float(low.max()) <= float(path.fraction_to_t(0.1)) + 1e-6
+    paper = DMD2(rf_teacher, DMD2Config()).gan_times(batch, None)
+    assert float(paper.min()) >= float(path.fraction_to_t(0.02)) - 1e-6
+    assert float(paper.max()) > float(path.fraction_to_t(0.5))
+    for bad in [(0.5,), (0.9, 0.1)]:
+        with pytest.raises(ValueError, match="time range"):
+            DMD2(rf_teacher, DMD2Config(gan_t_range=bad)).gan_times(batch, None)

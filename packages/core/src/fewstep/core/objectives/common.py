@@ -45,7 +45,9 @@ def euler_grid(path: Path, steps: int, fractions: tuple[float, ...] = ()) -> Eul
 
 
 def sample_times(path: Path, batch: Batch, frac_range: tuple[float, float] = (0.0, 1.0)) -> Tensor:
-    """(B,) times uniform over a fraction range of the path's time domain."""
+    """(B,) times uniform over a fraction range (lo, hi) of the path's time domain."""
+    if len(frac_range) != 2 or not 0.0 <= frac_range[0] <= frac_range[1] <= 1.0:
+        raise ValueError(f"a time range must be (lo, hi) with 0 <= lo <= hi <= 1, got {frac_range}")
     lo, hi = frac_range
     u = batch.rng.rand()
     return path.fraction_to_t(lo + (hi - lo) * u).to(batch.rng.device)

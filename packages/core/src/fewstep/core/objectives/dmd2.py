@@ -45,6 +45,7 @@ class DMD2Config(ObjectiveConfig):
     t_range: tuple[float, float] = (0.02, 0.98)  # DM-loss times as fractions of the path
     gan_weight: float = 0.0  # student GAN loss weight (DMD2 uses 3e-3 on ImageNet; 0 = off)
     gan_critic_weight: float = 1.0  # weight of the head's classification loss for the critic
+    gan_t_range: tuple[float, ...] = ()  # GAN times as path fractions; () = t_range (paper)
     backward_simulation: bool = True  # multi-step: train on the student's own rollouts
 
 
@@ -110,6 +111,10 @@ class DMD2(Objective):
     def needs_data(self) -> bool:  # type: ignore[override]
         return self.config.gan_weight > 0
 
+    def gan_times(self, batch: Batch, like: Tensor) -> Tensor:
+        """(B,) native times the GAN head sees real and student samples at."""
+        return sample_times(self.path, batch, self.config.gan_t_range or self.config.t_range)
+
     def build_roles(self, student: Denoiser, example: Batch) -> dict[str, nn.Module]:
         score = trainable_copy(unguided(self.teacher))
         critic = nn.ModuleDict({"score": score})
@@ -144,7 +149,7 @@ class DMD2(Objective):
             loss, dm_logs = dm_term(self.teacher, fake, x, batch, cfg.t_range)
             logs.update(dm_logs)
             if cfg.gan_weight > 0:
-                t_g = sample_times(self.path, batch, cfg.t_range)
+                t_g = self.gan_times(batch, x)
                 xg_t, _ = noised(self.path, x, t_g, batch)
                 logits = critic["head"](fake.features(xg_t, t_g, batch.cond))
                 gan = F.softplus(-logits).mean()
@@ -159,7 +164,7 @@ class DMD2(Objective):
             if cfg.gan_weight > 0:
                 if batch.x is None:
                     raise ValueError("dmd2 with gan_weight > 0 needs real data in the batch")
-                t_g = sample_times(self.path, batch, cfg.t_range)
+                t_g = self.gan_times(batch, x_d)
                 d_loss, real_acc = gan_critic_loss(critic, self.path, x_d, t_g, batch)
                 logs["gan_critic"] = d_loss.item()
                 logs["gan_real_acc"] = real_acc
