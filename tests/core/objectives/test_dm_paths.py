@@ -40,14 +40,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 # Budgets (objective config, train config), each a few seconds on one core.
 DISBACK_RF = BUDGETS["disback"].configs(1)
 DISBACK_VP = BUDGETS["disback"].configs(1, eps=True)
-DISBACK_BACKTRACK = 30  # steps per recorded checkpoint in the budgets above
 VDOT_RF = BUDGETS["vdot"].configs(1)
 TWINFLOW_RF = BUDGETS["twinflow"].configs(1)
-
-
-def with_backtrack(budget, steps=DISBACK_BACKTRACK):
-    cfg, train = budget
-    return {**cfg, "backtrack_steps": (steps,)}, train
 
 
 def distil_or_diverge(*args, **kwargs):
@@ -62,7 +56,7 @@ def distil_or_diverge(*args, **kwargs):
 
 
 def test_disback_records_the_path_and_learns(rf_teacher, tmp_path):
-    out = distil(rf_teacher, "disback", *with_backtrack(DISBACK_RF), tmp_path)
+    out = distil(rf_teacher, "disback", *DISBACK_RF, tmp_path)
     assert out.learned(), out
     # the recorded path: each checkpoint differs from the teacher and from the previous
     # one, and the path moves away from the teacher (towards the initial student)
@@ -76,7 +70,7 @@ def test_disback_records_the_path_and_learns(rf_teacher, tmp_path):
 
 
 def test_disback_eps_teacher(vp_teacher, tmp_path):
-    out = distil(vp_teacher, "disback", *with_backtrack(DISBACK_VP), tmp_path)
+    out = distil(vp_teacher, "disback", *DISBACK_VP, tmp_path)
     assert out.learned(), out
 
 
@@ -90,7 +84,7 @@ def test_sabotage_disback_backtracks_the_wrong_way(rf_teacher, tmp_path, monkeyp
         return k if k < 0 else self.config.num_checkpoints - k
 
     monkeypatch.setattr(DisBack, "target_index", forwards)
-    out = distil_or_diverge(rf_teacher, "disback", *with_backtrack(DISBACK_RF), tmp_path)
+    out = distil_or_diverge(rf_teacher, "disback", *DISBACK_RF, tmp_path)
     assert out is None or (not out.learned() and out.after > 0.6 * out.before), out
 
 
@@ -102,7 +96,7 @@ def test_sabotage_disback_gradient_sign(rf_teacher, tmp_path, monkeypatch):
         return -loss, gnorm
 
     monkeypatch.setattr(dmd2_mod, "dmd_loss", ascent)
-    out = distil_or_diverge(rf_teacher, "disback", *with_backtrack(DISBACK_RF), tmp_path)
+    out = distil_or_diverge(rf_teacher, "disback", *DISBACK_RF, tmp_path)
     assert out is None or (not out.learned() and out.after > 0.8 * out.before), out
 
 

@@ -17,6 +17,7 @@ from fewstep.core.toy import ToyMLP, toy_feature_fn
 
 FAST_FAKE = {"fake_score": 3e-3}  # fake scores that keep up with a fast student
 EPS_STUDENT = {"train": {"role_lr": {"student": 1e-4}}}  # see the module docstring
+EPS_SCM = {"train": {"lr": 1e-4, "steps": 400}}  # TrigFlow views of eps networks: slower
 _T = dict(batch_size=128, ema_decay=0.95)  # what almost every budget shares
 
 
@@ -81,7 +82,7 @@ BUDGETS: dict[str, Budget] = {
     "dmd": Budget(
         {}, _train(120, 1e-3, role_lr=FAST_FAKE), eps={"train": {"lr": 1e-4, "steps": 150}}
     ),
-    "vsd": Budget({}, _train(200, 1e-3, role_lr={"fake_score": 5e-3})),
+    "vsd": Budget({}, _train(200, 1e-3, role_lr={"fake_score": 5e-3}), eps=EPS_STUDENT),
     "sid": Budget(
         {},
         _train(200, 5e-4, role_lr=FAST_FAKE),
@@ -92,9 +93,10 @@ BUDGETS: dict[str, Budget] = {
             }
             for k in (2, 4)
         },
+        eps=EPS_STUDENT,
     ),
-    "f_distill": Budget({"fake_updates_per_student": 2}, _train(300, 2e-3)),
-    "uni_instruct": Budget({}, _train(200, 5e-4, role_lr=FAST_FAKE)),
+    "f_distill": Budget({"fake_updates_per_student": 2}, _train(300, 2e-3), eps=EPS_STUDENT),
+    "uni_instruct": Budget({}, _train(200, 5e-4, role_lr=FAST_FAKE), eps=EPS_STUDENT),
     "decoupled_dmd": Budget(
         {
             "fake_updates_per_student": 3,
@@ -142,6 +144,7 @@ BUDGETS: dict[str, Budget] = {
                 },
             },
         },
+        eps=EPS_STUDENT,
     ),
     "multi_student": Budget(
         {"fake_updates_per_student": 3, "num_students": 2},
@@ -149,15 +152,22 @@ BUDGETS: dict[str, Budget] = {
         conditional=True,
         student="fresh",
     ),
-    "disback": Budget(
-        {"fake_updates_per_student": 2, "record_steps": 60, "num_checkpoints": 2},
+    "disback": Budget(  # 60 recording steps, then 30 steps towards each of 2 checkpoints
+        {
+            "fake_updates_per_student": 2,
+            "record_steps": 60,
+            "num_checkpoints": 2,
+            "backtrack_steps": (30,),
+        },
         _train(300, 2e-3),
         eps=EPS_STUDENT,
     ),
     "vdot": Budget(  # the OT term alone (no KL term): learning is the OT signal's doing
-        {"fake_updates_per_student": 3, "dm_weight": 0.0}, _train(300, 2e-3)
+        {"fake_updates_per_student": 3, "dm_weight": 0.0}, _train(300, 2e-3), eps=EPS_STUDENT
     ),
-    "twinflow": Budget({}, _train(300, 2e-3, ema_decay=0.98), nfe=(1,)),  # one-step generator
+    "twinflow": Budget(
+        {}, _train(300, 2e-3, ema_decay=0.98), nfe=(1,), eps=EPS_STUDENT
+    ),  # one-step generator
     # ---- guidance and preference (issue 3)
     "guidance_distill": Budget(
         {"scale_range": (1.0, 6.0)}, _train(300, 2e-3), nfe=(50,), vary_steps=False, guided=True
@@ -191,6 +201,7 @@ BUDGETS: dict[str, Budget] = {
             for k in (2, 4)
         },
         reward="upper_half",
+        eps=EPS_STUDENT,
     ),
     "distillation_dpo": Budget(
         {"fake_updates_per_student": 2, "beta": 1.0},
@@ -212,19 +223,25 @@ BUDGETS: dict[str, Budget] = {
         SCM_TRAIN,
         # sCM's intermediate angle 1.1 (sec. 6) is fraction 0.7 of [0, pi/2]
         by_nfe={2: {"objective": {"jvp_mode": "exact", "student_times": (1.0, 0.7)}}},
+        eps=EPS_SCM,
     ),
     "rcm": Budget(
-        {**SCM_CFG, "dmd_weight": 1.0, "fake_updates_per_student": 2}, {**SCM_TRAIN, "steps": 150}
+        {**SCM_CFG, "dmd_weight": 1.0, "fake_updates_per_student": 2},
+        {**SCM_TRAIN, "steps": 150},
+        eps=EPS_SCM,
     ),
-    "tbcm": Budget({**SCM_CFG, "route_steps": 5}, {**SCM_TRAIN, "batch_size": 32}),
+    "tbcm": Budget({**SCM_CFG, "route_steps": 5}, {**SCM_TRAIN, "batch_size": 32}, eps=EPS_SCM),
     # ---- flow maps (issue 4)
     "meanflow": Budget(
         MF_CFG,
         _train(200, 2e-3),
         by_nfe={k: {"train": {"steps": 300, "lr": 1e-3}} for k in (2, 4)},
+        eps={"train": {"lr": 2e-4, "steps": 400}},  # flow-map view of an eps network
     ),
     "flow_map": Budget(
-        {"jvp_mode": "finite_difference", "fd_eps": 1e-2, "prior_start": 1.0}, _train(200, 2e-3)
+        {"jvp_mode": "finite_difference", "fd_eps": 1e-2, "prior_start": 1.0},
+        _train(200, 2e-3),
+        eps=EPS_STUDENT,
     ),
     "boot": Budget(
         {"num_intervals": 8},

@@ -58,7 +58,9 @@ class Budget:
         obj, train = dict(self.objective), dict(self.train)
         for extra in (self.by_nfe.get(nfe, {}), self.eps if eps else {}):
             obj.update(extra.get("objective", {}))
-            train.update(extra.get("train", {}))
+            for k, v in extra.get("train", {}).items():  # role_lr dicts merge
+                both = isinstance(v, dict) and isinstance(train.get(k), dict)
+                train[k] = {**train[k], **v} if both else v
         if self.vary_steps:
             obj["student_steps"] = nfe
         return obj, train
