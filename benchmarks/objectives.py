@@ -21,6 +21,7 @@ Writes benchmarks/results/objectives_2d.json and prints markdown tables.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import resource
 import sys
@@ -191,7 +192,11 @@ def main() -> None:
     ap.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "objectives_2d.json"
     )
+    ap.add_argument("--tables", action="store_true", help="only print the tables of --out")
     args = ap.parse_args()
+    if args.tables:
+        print(tables(json.loads(args.out.read_text())))
+        return
     unknown = set(args.objectives) - set(BUDGETS)
     if unknown:
         raise SystemExit(f"no suite budget for {sorted(unknown)}; known: {sorted(BUDGETS)}")
@@ -229,7 +234,56 @@ def main() -> None:
     from fewstep.core.io import atomic_write_json
 
     atomic_write_json(args.out, payload)
-    print(markdown(payload))
+    print(tables(payload))
+
+
+def tables(payload: dict) -> str:
+    return summary(payload) + "\n" + markdown(payload)
+
+
+def summary(payload: dict) -> str:
+    """One row per objective: SW per teacher and NFE, ✓ where it learned (the tests'
+    criterion), the mean wall time of its runs and its peak memory."""
+    teachers = [t for t in TEACHERS if any(r["teacher"] == t for r in payload["baseline"]["rows"])]
+    nfes = (1, 2, 4)
+    short = {"rf_mixture": "ring RF", "vp_mixture": "ring VP"}
+    short |= {"rf_checkerboard": "board RF", "vp_checkerboard": "board VP"}
+    head = [f"{short.get(t, t)} {k}" for t in teachers for k in nfes]
+    lines = [
+        "| objective | " + " | ".join(head) + " | wall s | MB |",
+        "|---|" + "---|" * (len(head) + 2),
+    ]
+    base = {(r["teacher"], r["nfe"]): f"{r['sw']:.2f}" for r in payload["baseline"]["rows"]}
+    lines.append(
+        "| (untrained) | "
+        + " | ".join(base.get((t, k), "") for t in teachers for k in nfes)
+        + " | - | - |"
+    )
+    for obj in payload["objectives"]:
+        groups: dict[str, dict] = {}
+        for r in obj["rows"]:  # guided objectives report one row per scale
+            groups.setdefault(r["objective"], {})[(r["teacher"], r["nfe"])] = r
+        for label, cells in groups.items():
+            own = sorted({k for _, k in cells} - set(nfes))  # compression: the sampler's NFE
+            if own:
+                label = f"{label} ({own[0]} NFE)"
+                cells = {(t, 1): r for (t, _), r in cells.items()}
+
+            def cell(r):
+                if r is None:
+                    return ""
+                if "error" in r:
+                    return "error"
+                return f"{r['sw']:.2f}" + (" ✓" if r["learned"] else "")
+
+            secs = [r["train_seconds"] for r in cells.values() if "train_seconds" in r]
+            wall = f"{sum(secs) / len(secs):.1f}" if secs else "-"
+            lines.append(
+                f"| {label} | "
+                + " | ".join(cell(cells.get((t, k))) for t in teachers for k in nfes)
+                + f" | {wall} | {obj['peak_mb_above_baseline']:.0f} |"
+            )
+    return "\n".join(lines)
 
 
 def markdown(payload: dict) -> str:
