@@ -68,6 +68,8 @@ def _objective_defaults(name: str) -> dict[str, Any]:
     tuned = {
         "dmd2": {"fake_updates_per_student": 2},  # enough: the critic starts as the teacher
         "consistency": {"num_intervals": 50, "ema_decay": 0.95},
+        # sCM's 10k-step tangent warmup is a tenth of its runs; ours are 2,000 steps
+        **{k: {"tangent_warmup": 200} for k in ("scm", "rcm", "tbcm")},
         # the UNet has no feed-forward blocks; its time-embedding MLP is the dense MLP here
         "dense2moe": {"targets": ("unet.time_embedding",)},
     }.get(name, {})
