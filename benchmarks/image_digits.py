@@ -33,7 +33,11 @@ def main() -> None:
     ap.add_argument("--fresh-cache", action="store_true", help="retrain teacher to time it")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--tag", default="", help="suffix of the result file, for variant runs")
+    ap.add_argument("--table", action="store_true", help="only tabulate results with --tag")
     args, rest = ap.parse_known_args()
+    if args.table:
+        print(table(args.tag))
+        return
     if args.fresh_cache:
         os.environ["FEWSTEP_CACHE"] = tempfile.mkdtemp(prefix="fewstep-bench-cache-")
 
@@ -145,6 +149,27 @@ def main() -> None:
         f"{f['throughput_ratio']:.1f}x; teacher training {f['teacher_train_seconds']:.0f} s; "
         f"distillation (incl. final eval) {f['distill_seconds_total']:.0f} s"
     )
+
+
+def table(tag: str) -> str:
+    """One row per objective over the result files ``image_digits_*_TAG.json``."""
+    lines = [
+        "| objective | student NFE | student FD | teacher FD (50 NFE) | FD ratio "
+        "| class accuracy | throughput × | distil s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    suffix = f"_{tag}.json" if tag else ".json"
+    for path in sorted((Path(__file__).parent / "results").glob(f"image_digits_*{suffix}")):
+        f = json.loads(path.read_text())
+        if not tag and path.stem != f"image_digits_{f['objective']}":
+            continue  # an untagged table lists untagged runs only
+        sfd, tfd, acc = f["student_fd"], f["teacher_fd"], f["student_class_accuracy"]
+        lines.append(
+            f"| {f['objective']} | {f['student_nfe']} | {sfd[0]:.2f} ± {sfd[1]:.2f} | "
+            f"{tfd[0]:.2f} ± {tfd[1]:.2f} | {f['fd_ratio']:.2f} | {acc[0]:.3f} | "
+            f"{f['throughput_ratio']:.0f} | {f['distill_seconds_total']:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
