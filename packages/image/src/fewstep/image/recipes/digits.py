@@ -70,6 +70,9 @@ def _objective_defaults(name: str) -> dict[str, Any]:
         "consistency": {"num_intervals": 50, "ema_decay": 0.95},
         # sCM's 10k-step tangent warmup is a tenth of its runs; ours are 2,000 steps
         **{k: {"tangent_warmup": 200} for k in ("scm", "rcm", "tbcm")},
+        # a short run must train the one-step jump itself: at init the flow map is the
+        # teacher, whose one Euler jump from noise is the class mean (as on the 2-D suite)
+        "meanflow": {"t_density": "uniform", "r_neq_t": 0.75, "r_zero": 0.5},
         # the UNet has no feed-forward blocks; its time-embedding MLP is the dense MLP here
         "dense2moe": {"targets": ("unet.time_embedding",)},
     }.get(name, {})
