@@ -64,3 +64,27 @@ def cond_rf_teacher():
     """Class-conditional rectified-flow velocity teacher on the ring: label k = mode k,
     label 8 = null (trained with 10 % null labels, so it can be guided)."""
     return _teacher("rectified_flow", "velocity", "mixture", conditional=True)
+
+
+@pytest.fixture
+def tiny_unet():
+    """Factory of small class-conditional diffusers ``UNet2DModel``s on 8x8 images (the digits
+    teacher's family), with an attention block unless ``attention=False``."""
+    diffusers = pytest.importorskip("diffusers")
+
+    def make(num_classes: int, attention: bool = True, seed: int = 0):
+        torch.manual_seed(seed)
+        mid = ("AttnDownBlock2D", "AttnUpBlock2D") if attention else ("DownBlock2D", "UpBlock2D")
+        return diffusers.UNet2DModel(
+            sample_size=8,
+            in_channels=1,
+            out_channels=1,
+            block_out_channels=(8, 16),
+            down_block_types=("DownBlock2D", mid[0]),
+            up_block_types=(mid[1], "UpBlock2D"),
+            layers_per_block=1,
+            num_class_embeds=num_classes,
+            norm_num_groups=4,
+        )
+
+    return make

@@ -247,22 +247,10 @@ def test_scm_exact_and_finite_difference_tangents_agree(rf_teacher):
     assert (dF_fd - dF).norm() / dF.norm() < 0.05  # float32 and ToyMLP's fast time features
 
 
-def test_scm_exact_jvp_through_a_diffusers_unet():
+def test_scm_exact_jvp_through_a_diffusers_unet(tiny_unet):
     """A class-conditional UNet2DModel with attention (the digits teacher's family): the fused
     CPU attention kernel has no forward-mode rule, so exact JVPs run on the math backend."""
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        num_class_embeds=4,
-        norm_num_groups=4,
-    )
+    unet = tiny_unet(4)
     student = DiffusersUNetDenoiser(unet, RectifiedFlow(), "velocity")
     obj = SCM(student, SCMConfig(sigma_data=0.5))
     x, dxdt = torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8)

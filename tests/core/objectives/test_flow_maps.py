@@ -203,22 +203,10 @@ def test_exact_jvp_through_the_hook_matches_autograd(rf_teacher):
     assert student.gap_embed[-1].weight.grad.abs().sum() > 0
 
 
-def test_hook_and_jvp_on_a_diffusers_unet():
-    diffusers = pytest.importorskip("diffusers")
+def test_hook_and_jvp_on_a_diffusers_unet(tiny_unet):
     from fewstep.core.models import DiffusersUNetDenoiser
 
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-        num_class_embeds=3,
-    )
+    unet = tiny_unet(3)
     base = DiffusersUNetDenoiser(unet, make_path("rectified_flow"), "velocity")
     student = FlowMapDenoiser(base)
     assert student.time_module == "unet.time_embedding"

@@ -265,22 +265,10 @@ def test_guidance_objectives_reject_a_plain_teacher_and_bad_config(cond_rf_teach
         GuidanceEmbedded(ModuleDenoiser(nn.Linear(2, 2), make_path("rectified_flow"), "x0"))
 
 
-def test_guidance_embedding_on_diffusers_unets():
-    diffusers = pytest.importorskip("diffusers")
+def test_guidance_embedding_on_diffusers_unets(tiny_unet):
     from fewstep.core.models import DiffusersUNetDenoiser
 
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        num_class_embeds=11,
-    )
+    unet = tiny_unet(11, attention=False)
     base = DiffusersUNetDenoiser(unet, make_path("rectified_flow"), "velocity")
     x, t, c = torch.randn(3, 1, 8, 8), torch.rand(3), torch.tensor([1, 2, 10])
     w = torch.tensor([1.0, 3.0, 5.0])
