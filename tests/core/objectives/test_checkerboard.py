@@ -18,16 +18,10 @@ from fewstep.core.suite2d import distil
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 RF, VP = "checkerboard_teacher", "vp_checkerboard_teacher"
-# one objective per family: distribution matching, consistency (discrete, segmented,
-# continuous-time), flow maps, reflow, progressive, compression
-CASES = [
-    *[
-        (name, t)
-        for name in ("dmd2", "consistency", "hyper_sd", "boot", "reflow")
-        for t in (RF, VP)
-    ],
-    *[(name, RF) for name in ("scm", "meanflow", "progressive", "quantized")],
-]
+# one objective per family: distribution matching, consistency (discrete and continuous-time),
+# flow maps, reflow (the benchmark table has every objective on both teachers)
+CASES = [(name, RF) for name in ("dmd2", "scm", "meanflow")]
+CASES += [(name, VP) for name in ("dmd2", "consistency", "reflow")]
 
 
 @pytest.mark.parametrize(("name", "teacher_name"), CASES)

@@ -49,7 +49,7 @@ NULL = 8  # cond_rf_teacher's unconditional label
 
 # Budgets (objective config, train config); each learning test was checked over training
 # seeds 0-2. Tests marked ``slow`` repeat a claim at another NFE, parameterization or as a
-# second sabotage: deselect them with ``-m "not slow"`` when CPU time is short.
+# second sabotage; they are deselected by default (``-m slow`` runs them).
 # CFG w = 2 with the CA term re-noised only at low noise (tau < 0.5): CFG augmentation at
 # high noise, where x0_c - x0_u points from the ring's centre to the mode, pushes the student
 # off the ring (the coupled schedule fails, see the negative control below)

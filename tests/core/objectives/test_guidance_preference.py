@@ -343,6 +343,7 @@ def test_sabotage_pso_reversed_preference(rf_teacher, two_step_student, tmp_path
     assert tilt(out.samples)["reward"] < base["reward"] + 0.1, out
 
 
+@pytest.mark.slow  # a second sabotage of the same loss
 def test_sabotage_distillation_dpo_public_code_signs(rf_teacher, tmp_path, monkeypatch):
     """The reference code's signs (winners pulled to the teacher, losers pushed away) lower the
     reward instead of raising it."""
