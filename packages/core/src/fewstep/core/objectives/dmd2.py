@@ -158,16 +158,21 @@ class DMD2(Objective):
             losses["student"] = loss
 
         if "fake_score" in update:
-            x_d = x.detach()
-            loss = denoising_loss(fake, x_d, batch.cond, batch)
-            logs["fake_score_loss"] = loss.item()
-            if cfg.gan_weight > 0:
-                if batch.x is None:
-                    raise ValueError("dmd2 with gan_weight > 0 needs real data in the batch")
-                t_g = self.gan_times(batch, x_d)
-                d_loss, real_acc = gan_critic_loss(critic, self.path, x_d, t_g, batch)
-                logs["gan_critic"] = d_loss.item()
-                logs["gan_real_acc"] = real_acc
-                loss = loss + cfg.gan_critic_weight * d_loss
-            losses["fake_score"] = loss
+            losses["fake_score"], critic_logs = self.critic_loss(critic, x.detach(), batch)
+            logs.update(critic_logs)
         return losses, logs
+
+    def critic_loss(self, critic: nn.ModuleDict, x_d: Tensor, batch: Batch) -> tuple[Tensor, dict]:
+        """The fake score's denoising loss on detached student samples x_d, plus the GAN
+        head's classification loss (DMD2 eq. 4) when ``gan_weight`` > 0."""
+        cfg = self.config
+        loss = denoising_loss(critic["score"], x_d, batch.cond, batch)
+        logs = {"fake_score_loss": loss.item()}
+        if cfg.gan_weight > 0:
+            if batch.x is None:
+                raise ValueError(f"{self.name} with gan_weight > 0 needs real data in the batch")
+            t_g = self.gan_times(batch, x_d)
+            d_loss, real_acc = gan_critic_loss(critic, self.path, x_d, t_g, batch)
+            logs.update(gan_critic=d_loss.item(), gan_real_acc=real_acc)
+            loss = loss + cfg.gan_critic_weight * d_loss
+        return loss, logs

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fewstep.core.objectives.common import denoising_loss, noised, student_x0
-from fewstep.core.objectives.dmd2 import DMD2, DMD2Config, dm_term, gan_critic_loss
+from fewstep.core.objectives.common import noised, student_x0
+from fewstep.core.objectives.dmd2 import DMD2, DMD2Config, dm_term
 from fewstep.core.objectives.preference import call_reward
 
 
@@ -96,15 +96,6 @@ class FlashDMD(DMD2):
             losses["student"] = loss
 
         if "fake_score" in update:
-            x_d = x.detach()
-            loss = denoising_loss(fake, x_d, batch.cond, batch)
-            logs["fake_score_loss"] = loss.item()
-            if cfg.gan_weight > 0:
-                if batch.x is None:
-                    raise ValueError("flash_dmd with gan_weight > 0 needs real data in the batch")
-                t_g = self.gan_times(batch, x_d)
-                d_loss, _ = gan_critic_loss(critic, self.path, x_d, t_g, batch)
-                logs["gan_critic"] = d_loss.item()
-                loss = loss + cfg.gan_critic_weight * d_loss
-            losses["fake_score"] = loss
+            losses["fake_score"], critic_logs = self.critic_loss(critic, x.detach(), batch)
+            logs.update(critic_logs)
         return losses, logs
