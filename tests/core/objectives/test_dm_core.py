@@ -489,3 +489,31 @@ def test_bad_configs_name_what_is_expected(rf_teacher, cond_rf_teacher):
         VSD(rf_teacher, VSDConfig(weighting="snr"))
     with pytest.raises(ValueError, match="null_label"):
         VSD(rf_teacher, VSDConfig(pg_scale_range=(2.0, 5.0)))
+
+
+def test_gan_head_classifies_feature_layout_not_only_channel_means():
+    """Real and fake bottlenecks with the same channel means but mirrored layouts: DMD2's
+    strided-conv head separates them; a head on channel means alone cannot."""
+    torch.manual_seed(0)
+    pattern = torch.randn(1, 8, 4, 4)
+
+    def feats(n):
+        real = pattern + 0.3 * torch.randn(n, 8, 4, 4)
+        fake = pattern.flip(-1) + 0.3 * torch.randn(n, 8, 4, 4)
+        return torch.cat([real, fake]), torch.cat([torch.ones(n), torch.zeros(n)])
+
+    def accuracy(head):
+        opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+        for _ in range(150):
+            f, y = feats(32)
+            loss = nn.functional.binary_cross_entropy_with_logits(head(f), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        f, y = feats(256)
+        with torch.no_grad():
+            return ((head(f) > 0).float() == y).float().mean().item()
+
+    assert len(dmd2_mod.GANHead(8, 32, spatial=(4, 4)).convs) == 3  # 4x4 -> 2x2, one block
+    assert accuracy(dmd2_mod.GANHead(8, 32, spatial=(4, 4))) > 0.95
+    assert accuracy(dmd2_mod.GANHead(8, 32)) < 0.7

@@ -19,6 +19,7 @@ steps, then take the gradient step from there.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,13 +51,25 @@ class DMD2Config(ObjectiveConfig):
 
 
 class GANHead(nn.Module):
-    """Logit from bottleneck features (B, C, ...): average over positions, then an MLP."""
+    """Logit from bottleneck features. Spatial features (B, C, H, W) go through DMD2's
+    classification branch, stride-2 convolutions with GroupNorm and SiLU down to at most
+    2 x 2 (so the head sees layout, not only channel means), then a mean over what is left
+    and an MLP; flat features (B, D) go straight to the MLP."""
 
-    def __init__(self, width: int, hidden: int = 128):
+    def __init__(self, width: int, hidden: int = 128, spatial: tuple[int, ...] = ()):
         super().__init__()
+        convs: list[nn.Module] = []
+        size = min(spatial) if len(spatial) == 2 else 0
+        while size > 2:
+            groups = math.gcd(32, hidden)
+            convs += [nn.Conv2d(width, hidden, 3, 2, 1), nn.GroupNorm(groups, hidden), nn.SiLU()]
+            width, size = hidden, (size + 1) // 2
+        self.convs = nn.Sequential(*convs)
         self.net = nn.Sequential(nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, 1))
 
     def forward(self, feats: Tensor) -> Tensor:
+        if feats.ndim == 4:
+            feats = self.convs(feats)
         f = feats.flatten(2).mean(-1) if feats.ndim > 2 else feats
         return self.net(f).squeeze(-1)
 
@@ -123,8 +136,8 @@ class DMD2(Objective):
             cond = first(example.cond)
             t = self.path.fraction_to_t(0.5).to(x.device).expand(1)
             with torch.no_grad():
-                width = score.features(x, t, cond).shape[1]
-            critic["head"] = GANHead(width).to(x.device)
+                feats = score.features(x, t, cond)
+            critic["head"] = GANHead(feats.shape[1], spatial=tuple(feats.shape[2:])).to(x.device)
         return {"student": student, "fake_score": critic}
 
     def schedule(self, step: int) -> list[str]:
@@ -149,10 +162,7 @@ class DMD2(Objective):
             loss, dm_logs = dm_term(self.teacher, fake, x, batch, cfg.t_range)
             logs.update(dm_logs)
             if cfg.gan_weight > 0:
-                t_g = self.gan_times(batch, x)
-                xg_t, _ = noised(self.path, x, t_g, batch)
-                logits = critic["head"](fake.features(xg_t, t_g, batch.cond))
-                gan = F.softplus(-logits).mean()
+                gan = self.gan_generator_loss(critic, x, batch)
                 logs["gan_student"] = gan.item()
                 loss = loss + cfg.gan_weight * gan
             losses["student"] = loss
@@ -161,6 +171,13 @@ class DMD2(Objective):
             losses["fake_score"], critic_logs = self.critic_loss(critic, x.detach(), batch)
             logs.update(critic_logs)
         return losses, logs
+
+    def gan_generator_loss(self, critic: nn.ModuleDict, x: Tensor, batch: Batch) -> Tensor:
+        """The student's non-saturating GAN term softplus(-D(x_t)) on a fresh noising of its
+        differentiable samples x at ``gan_times`` (DMD2 eq. 5)."""
+        t_g = self.gan_times(batch, x)
+        xg_t, _ = noised(self.path, x, t_g, batch)
+        return F.softplus(-critic["head"](critic["score"].features(xg_t, t_g, batch.cond))).mean()
 
     def critic_loss(self, critic: nn.ModuleDict, x_d: Tensor, batch: Batch) -> tuple[Tensor, dict]:
         """The fake score's denoising loss on detached student samples x_d, plus the GAN

@@ -33,7 +33,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fewstep.core.objectives.common import noised, sample_times
@@ -117,8 +116,9 @@ class FDistill(DMD2):
         student, critic = roles["student"], roles["fake_score"]
         fake = critic["score"]
         losses, logs = {}, {}
-        if "student" in update:
+        with torch.set_grad_enabled("student" in update):
             x = self.generate(student, batch)
+        if "student" in update:
             t = sample_times(self.path, batch, cfg.t_range)
             x_t, _ = noised(self.path, x.detach(), t, batch)
             with torch.no_grad():
@@ -132,13 +132,10 @@ class FDistill(DMD2):
             logs.update(dm_loss=loss.item(), dm_grad_norm=gnorm.mean().item())
             logs.update(h_min=h.min().item(), h_max=h.max().item())
             # GAN generator term on a fresh noising of the (differentiable) student sample
-            t_g = sample_times(self.path, batch, cfg.t_range)
-            xg_t, _ = noised(self.path, x, t_g, batch)
-            gan = F.softplus(-critic["head"](fake.features(xg_t, t_g, batch.cond))).mean()
+            gan = self.gan_generator_loss(critic, x, batch)
             logs["gan_student"] = gan.item()
             losses["student"] = loss + cfg.gan_weight * gan
         if "fake_score" in update:  # DMD2's critic: denoising loss + GAN classification
-            critic_losses, critic_logs = super().losses(roles, batch, ["fake_score"], step)
-            losses.update(critic_losses)
+            losses["fake_score"], critic_logs = self.critic_loss(critic, x.detach(), batch)
             logs.update(critic_logs)
         return losses, logs

@@ -31,9 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from fewstep.core.objectives.common import noised, student_x0
+from fewstep.core.objectives.common import student_x0
 from fewstep.core.objectives.dmd2 import DMD2, DMD2Config, dm_term
 from fewstep.core.objectives.preference import call_reward
 
@@ -81,10 +80,7 @@ class FlashDMD(DMD2):
 
         if "student" in update:
             if low_noise:  # stage one, low-noise step: adversarial loss only
-                t_g = self.gan_times(batch, x)
-                xg_t, _ = noised(self.path, x, t_g, batch)
-                logits = critic["head"](fake.features(xg_t, t_g, batch.cond))
-                loss = cfg.gan_weight * F.softplus(-logits).mean()
+                loss = cfg.gan_weight * self.gan_generator_loss(critic, x, batch)
                 logs["gan_student"] = loss.item() / cfg.gan_weight
             else:  # high-noise step: distribution matching only
                 loss, dm_logs = dm_term(self.teacher, fake, x, batch, cfg.t_range)

@@ -49,7 +49,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fewstep.core.objectives.common import noised, sample_times
@@ -128,8 +127,9 @@ class UniInstruct(DMD2):
         student, critic = roles["student"], roles["fake_score"]
         fake = critic["score"]
         losses, logs = {}, {}
-        if "student" in update:
+        with torch.set_grad_enabled("student" in update):
             x = self.generate(student, batch)
+        if "student" in update:
             t = sample_times(self.path, batch, cfg.t_range)
             x_t, _ = noised(self.path, x, t, batch)  # gradient flows through x_t
             a, s = self.path.coeffs(t, x)
@@ -144,14 +144,11 @@ class UniInstruct(DMD2):
             if r is not None:
                 logs.update(ratio_min=r.min().item(), ratio_max=r.max().item())
             if cfg.gan_weight > 0:
-                t_g = sample_times(self.path, batch, cfg.t_range)
-                xg_t, _ = noised(self.path, x, t_g, batch)
-                gan = F.softplus(-critic["head"](fake.features(xg_t, t_g, batch.cond))).mean()
+                gan = self.gan_generator_loss(critic, x, batch)
                 logs["gan_student"] = gan.item()
                 loss = loss + cfg.gan_weight * gan
             losses["student"] = loss
         if "fake_score" in update:  # DMD2's critic: denoising loss (+ GAN classification)
-            critic_losses, critic_logs = super().losses(roles, batch, ["fake_score"], step)
-            losses.update(critic_losses)
+            losses["fake_score"], critic_logs = self.critic_loss(critic, x.detach(), batch)
             logs.update(critic_logs)
         return losses, logs
