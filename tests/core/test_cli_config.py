@@ -55,6 +55,8 @@ def test_apply_overrides_converts_by_annotation():
     assert cfg.times == (1.0, 0.5) and cfg.inner.steps == 7 and cfg.inner.betas == (0.5, 0.6)
     assert Outer().inner.steps == 10  # defaults untouched
     assert apply_overrides(Outer(), {"maybe": "none"}).maybe is None
+    for text in ("[0.0, 0.5]", "(0.0, 0.5)"):  # bracketed like JSON or Python
+        assert apply_overrides(Outer(), {"inner.betas": text}).inner.betas == (0.0, 0.5)
 
 
 def test_bad_values_and_unknown_keys_are_clear():

@@ -219,6 +219,26 @@ def test_dmd2_schedule_updates_student_every_third_step(tmp_path):
     assert not changed(teacher, trainer.objective.teacher)
 
 
+def test_objective_lr_scales_give_a_head_its_own_rate(tmp_path):
+    """DMD2's GAN head trains at gan_head_lr_scale x the fake score's rate: Adam's first
+    step moves every parameter by about its own lr."""
+    cfg = {"fake_updates_per_student": 1, "gan_weight": 0.1, "gan_head_lr_scale": 10.0}
+    trainer = make_trainer(tmp_path, objective_cfg=cfg, lr=1e-3, grad_clip=0.0)
+    fake = trainer.roles["fake_score"]
+    groups = trainer.optimizers["fake_score"].param_groups
+    assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-2)]
+    head, score = params(fake["head"]), params(fake["score"])
+    trainer.train_step()
+
+    def step_size(before, module):
+        return max((a - b).abs().max().item() for a, b in zip(before, module.parameters()))
+
+    assert step_size(head, fake["head"]) == pytest.approx(1e-2, rel=0.05)
+    assert step_size(score, fake["score"]) == pytest.approx(1e-3, rel=0.05)
+    with pytest.raises(ValueError, match="gan_head_lr_scale must be > 0"):
+        make_trainer(tmp_path / "bad", objective_cfg={**cfg, "gan_head_lr_scale": 0.0})
+
+
 class AlternatingDMD2(DMD2):
     """Student alone on even steps, fake score alone on odd steps."""
 

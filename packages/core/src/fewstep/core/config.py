@@ -81,7 +81,7 @@ def convert(text: str, tp: Any, key: str) -> Any:
         except ValueError:
             raise ValueError(f"--{key}: expected {tp.__name__}, got {text!r}") from None
     if origin in (tuple, list):
-        parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p.strip()]
+        parts = [p for p in text.strip("()[] ").split(",") if p.strip()]
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
             return tuple(convert(p.strip(), args[0], key) for p in parts)
         if origin is tuple:

@@ -141,16 +141,28 @@ class Trainer:
         }
         self.optimizers = {
             r: torch.optim.AdamW(
-                ps,
-                lr=config.role_lr.get(r, config.lr),
+                self.param_groups(r, config.role_lr.get(r, config.lr)),
                 betas=config.betas,
                 weight_decay=config.weight_decay,
             )
-            for r, ps in self.params.items()
+            for r in self.params
         }
         self.ema = frozen_copy(self.roles["student"]) if config.ema_decay > 0 else None
         if config.resume:
             self.try_resume()
+
+    def param_groups(self, role: str, lr: float) -> list[dict]:
+        """The role's trainable parameters at ``lr``, with the submodules the objective
+        names in ``lr_scales`` in groups of their own at scaled rates."""
+        module = self.roles[role]
+        scales = self.objective.lr_scales(role, module)
+        groups, seen = [], set()
+        for name, scale in scales.items():
+            ps = [p for p in module.get_submodule(name).parameters() if p.requires_grad]
+            seen.update(map(id, ps))
+            groups.append({"params": ps, "lr": lr * scale})
+        rest = [p for p in self.params[role] if id(p) not in seen]
+        return [{"params": rest, "lr": lr}, *groups]
 
     # --- data -----------------------------------------------------------------------------
     def make_batch(self, step: int, micro: int) -> Batch:

@@ -76,6 +76,11 @@ class Objective(ABC):
         """All roles (trainable and frozen), ``student`` included, initialised here.
         ``example`` is a real batch, for sizing heads from the networks' features."""
 
+    def lr_scales(self, role: str, module: nn.Module) -> dict[str, float]:
+        """Learning-rate multipliers for submodules of a role, by qualified name (e.g. a
+        freshly initialised head beside a pretrained network); {} = one rate for the role."""
+        return {}
+
     def schedule(self, step: int) -> list[str]:
         """Roles to update at ``step`` (the update schedule between roles)."""
         return list(self.roles)

@@ -47,6 +47,7 @@ class DMD2Config(ObjectiveConfig):
     gan_weight: float = 0.0  # student GAN loss weight (DMD2 uses 3e-3 on ImageNet; 0 = off)
     gan_critic_weight: float = 1.0  # weight of the head's classification loss for the critic
     gan_t_range: tuple[float, ...] = ()  # GAN times as path fractions; () = t_range (paper)
+    gan_head_lr_scale: float = 1.0  # the freshly initialised head's lr / the fake score's lr
     backward_simulation: bool = True  # multi-step: train on the student's own rollouts
 
 
@@ -139,6 +140,15 @@ class DMD2(Objective):
                 feats = score.features(x, t, cond)
             critic["head"] = GANHead(feats.shape[1], spatial=tuple(feats.shape[2:])).to(x.device)
         return {"student": student, "fake_score": critic}
+
+    def lr_scales(self, role: str, module: nn.Module) -> dict[str, float]:
+        if role == "fake_score" and "head" in module:
+            if self.config.gan_head_lr_scale <= 0:
+                raise ValueError(
+                    f"gan_head_lr_scale must be > 0, got {self.config.gan_head_lr_scale}"
+                )
+            return {"head": self.config.gan_head_lr_scale}
+        return {}
 
     def schedule(self, step: int) -> list[str]:
         if step % self.config.fake_updates_per_student == 0:
