@@ -239,6 +239,40 @@ def test_objective_lr_scales_give_a_head_its_own_rate(tmp_path):
         make_trainer(tmp_path / "bad", objective_cfg={**cfg, "gan_head_lr_scale": 0.0})
 
 
+@pytest.mark.parametrize(
+    ("decay", "factors"),
+    [
+        ("linear", [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]),
+        (
+            "cosine",
+            [
+                0.5,
+                1.0,
+                1.0,
+                0.5 + 0.5 * math.cos(math.pi / 4),
+                0.5,
+                0.5 - 0.5 * math.cos(math.pi / 4),
+            ],
+        ),
+        ("none", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ],
+)
+def test_lr_warmup_and_decay_scale_every_group(tmp_path, decay, factors):
+    cfg = {"fake_updates_per_student": 1, "gan_weight": 0.1, "gan_head_lr_scale": 10.0}
+    trainer = make_trainer(tmp_path, objective_cfg=cfg, lr=1e-3, warmup_steps=2, lr_decay=decay)
+    for f in factors:
+        trainer.train_step()
+        for opt in trainer.optimizers.values():
+            assert [g["lr"] for g in opt.param_groups] == pytest.approx(
+                [g["base_lr"] * f for g in opt.param_groups]
+            )
+    assert [g["base_lr"] for g in trainer.optimizers["fake_score"].param_groups] == pytest.approx(
+        [1e-3, 1e-2]
+    )
+    with pytest.raises(ValueError, match="lr_decay must be"):
+        make_trainer(tmp_path / "bad", lr_decay="exp")
+
+
 class AlternatingDMD2(DMD2):
     """Student alone on even steps, fake score alone on odd steps."""
 

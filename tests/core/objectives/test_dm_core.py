@@ -25,6 +25,7 @@ from fewstep.core.models import ModuleDenoiser, trainable_copy
 from fewstep.core.objectives import dmd2 as dmd2_mod
 from fewstep.core.objectives import sid as sid_mod
 from fewstep.core.objectives import vsd as vsd_mod
+from fewstep.core.objectives.classifier_free import guided_predict
 from fewstep.core.objectives.dmd import DMD, DMDConfig, regression_loss
 from fewstep.core.objectives.dmd2 import dmd_loss
 from fewstep.core.objectives.f_distill import (
@@ -36,7 +37,7 @@ from fewstep.core.objectives.f_distill import (
     f_weights,
     get_divergence,
 )
-from fewstep.core.objectives.sid import SiD, SiDConfig, guided_predict, sid_generator_loss
+from fewstep.core.objectives.sid import SiD, SiDConfig, sid_generator_loss
 from fewstep.core.objectives.uni_instruct import (
     UniInstruct,
     UniInstructConfig,

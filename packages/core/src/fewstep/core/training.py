@@ -40,6 +40,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm per role; 0 disables clipping
     grad_accum: int = 1  # micro-batches accumulated per optimiser step
     ema_decay: float = 0.999  # EMA of the student's weights; 0 disables it
+    warmup_steps: int = 0  # learning rates rise linearly from 0 over these first steps
+    lr_decay: Literal["none", "linear", "cosine"] = "none"  # then fall to 0 at the last step
     mixed_precision: Literal["no", "bf16", "auto"] = "no"  # auto = bf16 on CUDA if supported
     seed: int = 0  # seeds every draw: the same seed gives the same run
     log_every: int = 10  # steps between log records
@@ -48,6 +50,28 @@ class TrainConfig:
     keep_checkpoints: int = 2  # complete checkpoints kept on disk
     resume: bool = True  # continue from out_dir's latest checkpoint when there is one
     progress: bool = True  # progress bar on rank 0
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Multiplier of every learning rate at ``step`` (0-based): linear warmup over
+    ``warmup_steps``, then constant or a linear / cosine decay that reaches 0 after the
+    last step. A function of the step alone, so resumed runs follow the same schedule."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_decay == "none":
+        return 1.0
+    left = max(cfg.steps - cfg.warmup_steps, 1)
+    frac = min((step - cfg.warmup_steps) / left, 1.0)
+    if cfg.lr_decay == "linear":
+        return 1.0 - frac
+    return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    if cfg.lr_decay not in ("none", "linear", "cosine"):
+        raise ValueError(f"lr_decay must be 'none', 'linear' or 'cosine', got {cfg.lr_decay!r}")
+    if cfg.warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
 
 
 class DataSource(Protocol):
@@ -114,6 +138,7 @@ class Trainer:
         evaluator: Callable[[Trainer], EvalResult] | None = None,
         device: str | None = None,
     ):
+        check_train_config(config)
         self.cfg = config
         self.objective = objective
         self.data = data
@@ -160,9 +185,9 @@ class Trainer:
         for name, scale in scales.items():
             ps = [p for p in module.get_submodule(name).parameters() if p.requires_grad]
             seen.update(map(id, ps))
-            groups.append({"params": ps, "lr": lr * scale})
+            groups.append({"params": ps, "lr": lr * scale, "base_lr": lr * scale})
         rest = [p for p in self.params[role] if id(p) not in seen]
-        return [{"params": rest, "lr": lr}, *groups]
+        return [{"params": rest, "lr": lr, "base_lr": lr}, *groups]
 
     # --- data -----------------------------------------------------------------------------
     def make_batch(self, step: int, micro: int) -> Batch:
@@ -217,7 +242,10 @@ class Trainer:
                 record[key] = record.get(key, 0.0) + float(losses[r].detach()) / cfg.grad_accum
             for k, v in logs.items():
                 record[k] = record.get(k, 0.0) + float(v) / cfg.grad_accum
+        factor = lr_factor(cfg, step)
         for r in update:
+            for group in self.optimizers[r].param_groups:
+                group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
             D.average_gradients_(self.params[r], self.dist)
             if cfg.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(self.params[r], cfg.grad_clip)

@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewstep.core.batch import Batch
-from fewstep.core.models import Denoiser, GuidedDenoiser, _concat_cond
+from fewstep.core.models import Denoiser, GuidedDenoiser
 from fewstep.core.objectives.base import Objective, ObjectiveConfig
+from fewstep.core.objectives.classifier_free import guided_predict
 from fewstep.core.objectives.common import noised, unguided
 from fewstep.core.objectives.guidance_embed import FixedGuidance, GuidanceEmbedded, pack_guidance
 from fewstep.core.samplers import EulerSampler, Sampler
@@ -59,11 +60,8 @@ def cfg_teacher_parts(teacher: Denoiser, who: str) -> tuple[Denoiser, Any]:
 
 
 def guided_prediction(base: Denoiser, null_cond, x_t: Tensor, t: Tensor, cond, w: Tensor):
-    """CFG prediction with a per-sample scale in ``base``'s parameterization (one batched call
-    of 2B): uncond + w (cond - uncond). x_t: (B, ...), t: (B,), w: (B,)."""
-    both = base(torch.cat([x_t, x_t]), torch.cat([t, t]), _concat_cond(cond, null_cond(cond)))
-    c, u = both.chunk(2)
-    return u + w.reshape(-1, *([1] * (x_t.ndim - 1))).to(c) * (c - u)
+    """CFG prediction with a per-sample scale w (B,) in ``base``'s own parameterization."""
+    return guided_predict(base, x_t, t, cond, w, null_cond, kind=base.prediction)
 
 
 def draw_scales(batch: Batch, scale_range: tuple[float, float]) -> Tensor:

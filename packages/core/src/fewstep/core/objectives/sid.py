@@ -55,10 +55,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewstep.core.batch import Batch
-from fewstep.core.models import Denoiser, GuidedDenoiser, _batch_t, _concat_cond, trainable_copy
+from fewstep.core.models import Denoiser, trainable_copy
 from fewstep.core.objectives.base import Objective, ObjectiveConfig
+from fewstep.core.objectives.classifier_free import drop_cond, guided_predict, null_cond_of
 from fewstep.core.objectives.common import noised, sample_times, student_x0, unguided
-from fewstep.core.paths import _bcast
 
 GUIDANCE = ("none", "zero_cfg", "anti_cfg", "custom")
 
@@ -78,47 +78,6 @@ def sid_generator_loss(x: Tensor, y_real: Tensor, y_fake: Tensor, alpha: float) 
     return (diff * ((y_real - x) - alpha * diff) / w).mean()
 
 
-def guided_predict(
-    model: Denoiser,
-    x_t: Tensor,
-    t: Tensor,
-    cond: Any,
-    scale: float | Tensor,
-    null_cond: Callable[[Any], Any] | None,
-    kind: str = "x0",
-) -> Tensor:
-    """CFG prediction uncond + scale (cond - uncond) in any parameterization ``kind``
-    (guidance is linear in every prediction). ``scale`` is a float or a (B,) tensor of
-    per-sample scales; 1 is the conditional prediction, 0 the unconditional one."""
-    if isinstance(scale, (int, float)) and scale == 1.0 or cond is None:
-        return model.predict(x_t, t, cond, kind=kind)
-    if null_cond is None:
-        raise ValueError("guidance needs null_cond(cond) to build the unconditional input")
-    if isinstance(scale, (int, float)) and scale == 0.0:
-        return model.predict(x_t, t, null_cond(cond), kind=kind)
-    t = _batch_t(t, x_t)
-    both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), _concat_cond(cond, null_cond(cond)))
-    both = both.chunk(2)
-    pc = model.path.convert(both[0], model.prediction, kind, x_t, t)
-    pu = model.path.convert(both[1], model.prediction, kind, x_t, t)
-    s = _bcast(scale, x_t) if isinstance(scale, Tensor) else scale
-    return pu + s * (pc - pu)
-
-
-def drop_cond(cond: Any, null_cond: Callable[[Any], Any] | None, p: float, batch: Batch) -> Any:
-    """Replace each sample's condition by the null one with probability ``p`` (CFG training,
-    Ho & Salimans 2022); tensors only (labels, embeddings)."""
-    if cond is None or p <= 0:
-        return cond
-    if null_cond is None:
-        raise ValueError("condition dropout needs null_cond(cond)")
-    if not isinstance(cond, Tensor):
-        raise TypeError(f"condition dropout supports tensor conditions, got {type(cond).__name__}")
-    mask = batch.rng.rand().to(cond.device) < p
-    null = null_cond(cond)
-    return torch.where(mask.reshape(-1, *([1] * (cond.ndim - 1))), null, cond)
-
-
 def guided_denoising_loss(
     model: Denoiser,
     x0: Tensor,
@@ -135,16 +94,6 @@ def guided_denoising_loss(
     target = path.from_x0_eps(x0, eps, model.prediction, t)
     pred = guided_predict(model, x_t, t, cond, scale, null_cond, kind=model.prediction)
     return F.mse_loss(pred, target)
-
-
-def null_cond_of(teacher: Denoiser, null_label: int | None) -> Callable[[Any], Any] | None:
-    """The unconditional input: a ``GuidedDenoiser`` teacher's ``null_cond``, else labels
-    filled with ``null_label``, else None."""
-    if isinstance(teacher, GuidedDenoiser):
-        return teacher.null_cond
-    if null_label is not None:
-        return lambda c: torch.full_like(c, null_label)
-    return None
 
 
 # ----------------------------------------------------------------------------- objective

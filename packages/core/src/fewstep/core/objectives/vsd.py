@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from fewstep.core.batch import Batch
 from fewstep.core.models import Denoiser, trainable_copy
 from fewstep.core.objectives.base import Objective, ObjectiveConfig
+from fewstep.core.objectives.classifier_free import drop_cond, guided_predict, null_cond_of
 from fewstep.core.objectives.common import (
     denoising_loss,
     noised,
@@ -41,7 +42,6 @@ from fewstep.core.objectives.common import (
     student_x0,
     unguided,
 )
-from fewstep.core.objectives.sid import drop_cond, guided_predict, null_cond_of
 
 LORA_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
