@@ -25,7 +25,7 @@ all expert weights (the baseline the test compares against).
 
 Distillation (the paper's knowledge distillation with load balancing): the MoE student
 matches the teacher's prediction at random (x_t, t) (or any step-distillation objective via
-``signal``, see ``quantized.CompressionObjective``), optionally matches the teacher's
+``signal``, see ``compression.CompressionObjective``), optionally matches the teacher's
 features, plus the Switch Transformer load-balancing loss (Fedus et al. 2022, eq. 4)
     L_bal = E * sum_e f_e P_e,
 f_e the fraction of routing slots sent to expert e, P_e the mean router probability. The
@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from fewstep.core.batch import Batch
 from fewstep.core.models import Denoiser
 from fewstep.core.objectives.common import denoising_loss, noised, sample_times, unguided
-from fewstep.core.objectives.quantized import CompressionConfig, CompressionObjective
+from fewstep.core.objectives.compression import CompressionConfig, CompressionObjective
 
 # ------------------------------------------------------------------------------ experts
 

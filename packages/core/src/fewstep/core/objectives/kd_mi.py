@@ -24,7 +24,7 @@ The student's loss adds the prediction-level KD term (the student matches the te
 prediction at random (x_t, t), the regression form of Hinton et al.'s KD). Features come
 from ``Denoiser.features`` on both networks. The student keeps the teacher's many-step
 sampler (a compression objective), or any step-distillation ``signal`` replaces the KD term
-(see ``quantized.CompressionObjective``).
+(see ``compression.CompressionObjective``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from fewstep.core.batch import Batch
 from fewstep.core.models import Denoiser
 from fewstep.core.objectives.common import first, noised, sample_shape, sample_times, unguided
-from fewstep.core.objectives.quantized import CompressionConfig, CompressionObjective
+from fewstep.core.objectives.compression import CompressionConfig, CompressionObjective
 
 # --------------------------------------------------------------------------- the bound
 
