@@ -87,6 +87,8 @@ def _objective_defaults(name: str) -> dict[str, Any]:
             "jvp_mode": "finite_difference",
             "fd_eps": 0.01,
         },
+        # data-free flow maps differentiate the UNet in t too (as on the 2-D suite)
+        "flow_map": {"jvp_mode": "finite_difference", "fd_eps": 0.01},
         # the UNet has no feed-forward blocks; its time-embedding MLP is the dense MLP here
         "dense2moe": {"targets": ("unet.time_embedding",)},
     }.get(name, {})
