@@ -62,8 +62,8 @@ class GANHead(nn.Module):
         convs: list[nn.Module] = []
         size = min(spatial) if len(spatial) == 2 else 0
         while size > 2:
-            groups = math.gcd(32, hidden)
-            convs += [nn.Conv2d(width, hidden, 3, 2, 1), nn.GroupNorm(groups, hidden), nn.SiLU()]
+            norm = nn.GroupNorm(math.gcd(32, hidden), hidden)
+            convs += [nn.Conv2d(width, hidden, 3, 2, 1), norm, nn.SiLU()]
             width, size = hidden, (size + 1) // 2
         self.convs = nn.Sequential(*convs)
         self.net = nn.Sequential(nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, 1))
