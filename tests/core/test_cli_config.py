@@ -87,6 +87,29 @@ def test_list_prints_objectives(capsys):
     assert "objectives:" in out and "dmd2" in out and "consistency" in out
 
 
+def test_recipe_config_defaults_apply_per_objective_and_yield_to_the_user():
+    @dataclass
+    class Cfg:
+        objective: str = "dmd2"  # objective
+        train: TrainConfig = field(default_factory=TrainConfig)  # loop
+
+    class Recipe:
+        config_cls = Cfg
+
+        def objective_defaults(self, objective):
+            return {}
+
+        def config_defaults(self, objective):
+            return {"dmd2": {"train.betas": "0,0.99", "train.lr": "3e-4"}}.get(objective, {})
+
+    cfg, _ = cli.resolve(Recipe(), {})
+    assert cfg.train.betas == (0.0, 0.99) and cfg.train.lr == 3e-4
+    cfg, _ = cli.resolve(Recipe(), {"train.lr": "1e-3"})
+    assert cfg.train.betas == (0.0, 0.99) and cfg.train.lr == 1e-3
+    cfg, _ = cli.resolve(Recipe(), {"objective": "consistency"})
+    assert cfg.train.betas == TrainConfig().betas and cfg.train.lr == TrainConfig().lr
+
+
 def test_unknown_recipe_is_an_error_listing_valid(capsys):
     assert cli.main(["distill", "no-such-recipe"]) == 2
     err = capsys.readouterr().err

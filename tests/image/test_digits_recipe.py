@@ -51,6 +51,7 @@ def test_run_folder_contents(dmd2_run):
     assert cfg["recipe"] == "image-digits" and cfg["config"]["objective"] == "dmd2"
     assert cfg["config"]["train"]["steps"] == 6
     assert cfg["objective_config"]["fake_updates_per_student"] == 2
+    assert cfg["config"]["train"]["betas"] == [0.0, 0.99]  # the recipe's DMD2 setting
     m = json.loads((dmd2_run / "metrics.json").read_text())
     assert m["student_nfe"] == 1 and m["teacher_nfe"] == 4
     assert m["student_samples_per_second"] > m["teacher_samples_per_second"]

@@ -51,9 +51,11 @@ def resolve(recipe, overrides: dict[str, str]):
     obj_over = {
         k[len("objective.") :]: v for k, v in overrides.items() if k.startswith("objective.")
     }
-    cfg = apply_overrides(
-        recipe.config_cls(), {k: v for k, v in overrides.items() if not k.startswith("objective.")}
-    )
+    own = {k: v for k, v in overrides.items() if not k.startswith("objective.")}
+    # the recipe's per-objective settings of its own config come first; the user's win
+    name = own.get("objective", recipe.config_cls().objective)
+    tuned = getattr(recipe, "config_defaults", lambda _: {})(name)
+    cfg = apply_overrides(recipe.config_cls(), {**tuned, **own})
     obj_cls = get_objective(cfg.objective)  # an unknown name: KeyError listing the available
     supported = getattr(recipe, "supported_objectives", None)
     if supported is not None and cfg.objective not in supported:
