@@ -72,11 +72,20 @@ def test_unet2d_features_are_mid_block_output():
     den = DiffusersUNetDenoiser(unet, make_path("vp_discrete"), "eps")
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     t, labels = torch.tensor([100.0, 900.0]), torch.tensor([1, 2])
+    full: list[torch.Tensor] = []
+    handle = unet.mid_block.register_forward_hook(lambda m, i, o: full.append(o))
+    with torch.no_grad():
+        den(x, t, labels)
+    handle.remove()
+    ran_up: list[bool] = []
+    unet.up_blocks[0].register_forward_hook(lambda m, i, o: ran_up.append(True))
     with torch.no_grad():
         f = den.features(x, t, labels)
         f2 = den.features(x, torch.tensor([500.0, 500.0]), labels)
     # one downsampling (8 -> 4); the bottleneck has the last block's channel count
     assert f.shape == (2, 16, 4, 4)
+    torch.testing.assert_close(f, full[0])  # the mid block's output of a full forward
+    assert not ran_up  # and the decoder never ran
     assert float((f - f2).abs().max()) > 1e-6
     assert len(unet.mid_block._forward_hooks) == 0  # the hook is removed
 

@@ -518,3 +518,37 @@ def test_gan_head_classifies_feature_layout_not_only_channel_means():
     assert len(dmd2_mod.GANHead(8, 32, spatial=(4, 4)).convs) == 3  # 4x4 -> 2x2, one block
     assert accuracy(dmd2_mod.GANHead(8, 32, spatial=(4, 4))) > 0.95
     assert accuracy(dmd2_mod.GANHead(8, 32)) < 0.7
+
+
+def test_gan_critic_loss_one_pass_equals_separate_real_and_fake_passes():
+    """The critic scores noised real and student samples in one concatenated pass; per-sample
+    features make that the same loss as DMD2 eq. 4 written with two passes."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 16), nn.SiLU(), nn.Linear(16, 2))
+    embed = nn.Embedding(4, 3)
+
+    def feature_fn(net, x, time, cond):
+        return net[:2](torch.cat([x, time[:, None] / 1000], 1) + embed(cond))[:, :8]
+
+    score = ModuleDenoiser(net, RectifiedFlow(), "velocity", feature_fn=feature_fn)
+    critic = nn.ModuleDict({"score": score, "head": dmd2_mod.GANHead(8, 16)})
+    path = RectifiedFlow()
+    x_real, x_fake = torch.randn(6, 2), torch.randn(6, 2)
+    cond = torch.randint(0, 4, (6,))
+
+    def batch():
+        return Batch(x=x_real, cond=cond, rng=StepRNG(3, 0, 0, 6, 0, 6), extras={})
+
+    t = torch.rand(6)
+    loss, acc = dmd2_mod.gan_critic_loss(critic, path, x_fake, t, batch())
+    b = batch()  # the same noise draws, in the same order
+    xf_t, _ = dmd2_mod.noised(path, x_fake, t, b)
+    xr_t, _ = dmd2_mod.noised(path, x_real, t, b)
+    lf = critic["head"](score.features(xf_t, t, cond))
+    lr = critic["head"](score.features(xr_t, t, cond))
+    want = nn.functional.softplus(lf).mean() + nn.functional.softplus(-lr).mean()
+    torch.testing.assert_close(loss, want)
+    assert acc == (lr > 0).float().mean().item()
+    # the real half must carry the minus sign: swapping the halves changes the loss
+    swapped = nn.functional.softplus(lr).mean() + nn.functional.softplus(-lf).mean()
+    assert abs(float(loss.detach() - swapped.detach())) > 1e-4

@@ -77,3 +77,13 @@ class Batch:
     @property
     def size(self) -> int:
         return self.rng.local_size
+
+
+def cond_to(cond: Any, device: torch.device | str) -> Any:
+    """A condition on ``device``: tensors move, dicts move their values, anything else
+    (None, strings) is returned as is."""
+    if isinstance(cond, Tensor):
+        return cond.to(device)
+    if isinstance(cond, dict):
+        return {k: cond_to(v, device) for k, v in cond.items()}
+    return cond

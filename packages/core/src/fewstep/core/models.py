@@ -125,13 +125,62 @@ class DiffusersUNetDenoiser(Denoiser):
         return out[0]
 
     def features(self, x_t, t, cond=None):
-        captured: list[Tensor] = []
-        handle = self.unet.mid_block.register_forward_hook(lambda m, i, o: captured.append(o))
-        try:
-            self(x_t, t, cond)
-        finally:
-            handle.remove()
-        return captured[0]
+        return _output_of(self.unet.mid_block, lambda: self(x_t, t, cond))
+
+
+class DiffusersTransformerDenoiser(Denoiser):
+    """Adapter for diffusers' latent transformers (SD3 / Flux / PixArt / SANA-style
+    ``*Transformer2DModel``): ``cond`` is a dict of the model's keyword arguments besides
+    ``hidden_states`` and ``timestep`` (``encoder_hidden_states``, ``pooled_projections``,
+    ...) or a tensor of encoder hidden states.
+
+    ``features`` mean-pools the image tokens after the middle transformer block (the
+    transformer's bottleneck-equivalent for a GAN head)."""
+
+    def __init__(self, transformer: nn.Module, path: Path, prediction: str):
+        super().__init__(path, prediction)
+        self.transformer = transformer
+
+    def forward(self, x_t, t, cond=None):
+        t = _batch_t(t, x_t)
+        kwargs = dict(cond) if isinstance(cond, dict) else {"encoder_hidden_states": cond}
+        out = self.transformer(
+            hidden_states=x_t, timestep=self.path.network_time(t), **kwargs, return_dict=False
+        )
+        return out[0]
+
+    def features(self, x_t, t, cond=None):
+        blocks = self.transformer.transformer_blocks
+        out = _output_of(blocks[len(blocks) // 2], lambda: self(x_t, t, cond))
+        # joint (text, image) blocks return a pair whose last member is the image stream
+        tokens = out[-1] if isinstance(out, tuple) else out
+        return tokens.mean(dim=1)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _output_of(block: nn.Module, run: Callable[[], Any]) -> Any:
+    """Call ``run()`` only until ``block`` has produced its output, and return that output:
+    the layers after it would be wasted work (DMD2's classifier branch, too, runs only the
+    UNet's encoder and mid block). Autograd keeps the graph up to the block."""
+    captured: list[Any] = []
+
+    def stop(module, inputs, out):
+        captured.append(out)
+        raise _StopForward
+
+    handle = block.register_forward_hook(stop)
+    try:
+        run()
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"{type(block).__name__} did not run in the forward pass")
+    return captured[0]
 
 
 def _concat_cond(a: Any, b: Any) -> Any:

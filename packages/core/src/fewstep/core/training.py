@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from fewstep.core import checkpoint as ckpt
 from fewstep.core import distributed as D
-from fewstep.core.batch import Batch, StepRNG
+from fewstep.core.batch import Batch, StepRNG, cond_to
 from fewstep.core.models import Denoiser, ema_update_, frozen_copy
 from fewstep.core.objectives.base import Objective
 
@@ -203,8 +203,7 @@ class Trainer:
         )
         x, cond = self.data(rng)
         x = None if x is None else x.to(self.device)
-        if isinstance(cond, Tensor):
-            cond = cond.to(self.device)
+        cond = cond_to(cond, self.device)
         return Batch(x=x, cond=cond, rng=rng, extras={"sample_shape": self.data.sample_shape})
 
     # --- one step ----------------------------------------------------------------------------

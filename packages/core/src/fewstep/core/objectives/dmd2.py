@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewstep.core.batch import Batch
-from fewstep.core.models import Denoiser, trainable_copy
+from fewstep.core.models import Denoiser, _concat_cond, trainable_copy
 from fewstep.core.objectives.base import Objective, ObjectiveConfig
 from fewstep.core.objectives.common import (
     denoising_loss,
@@ -110,8 +110,12 @@ def gan_critic_loss(critic, path, x_fake: Tensor, t: Tensor, batch: Batch) -> tu
     Returns (loss, fraction of real samples classified real)."""
     xf_t, _ = noised(path, x_fake, t, batch)
     xr_t, _ = noised(path, batch.x, t, batch)
-    lf = critic["head"](critic["score"].features(xf_t, t, batch.cond))
-    lr = critic["head"](critic["score"].features(xr_t, t, batch.cond))
+    cond = None if batch.cond is None else _concat_cond(batch.cond, batch.cond)
+    # one pass over both halves (the score has only per-sample normalisation)
+    logits = critic["head"](
+        critic["score"].features(torch.cat([xf_t, xr_t]), torch.cat([t, t]), cond)
+    )
+    lf, lr = logits.chunk(2)
     return F.softplus(lf).mean() + F.softplus(-lr).mean(), (lr > 0).float().mean().item()
 
 
