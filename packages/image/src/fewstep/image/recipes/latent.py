@@ -1,0 +1,210 @@
+"""``fewstep distill image-latent --teacher PIPELINE_FOLDER --prompts FILE``: a text-to-image
+diffusers pipeline (Stable-Diffusion-style UNet, or SD3-style flow transformer) distilled in
+latent space on its own cached text embeddings, prompt-only, into a few-step student.
+
+The run folder gets ``pipeline/`` (the teacher's pipeline with the student's network and a
+stock few-step scheduler; ``DiffusionPipeline.from_pretrained`` loads it), the resolved
+config, ``metrics.json``, teacher/student sample grids and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewstep.core.training import TrainConfig
+
+PIPELINE_DIR = "pipeline"
+
+
+@dataclass
+class LatentConfig:
+    objective: str = "dmd2"  # distillation objective (see `fewstep list`)
+    teacher: str = ""  # diffusers pipeline folder (with model_index.json); required
+    prompts: str = ""  # text file, one prompt per line; required
+    resolution: int = 0  # image side in pixels; 0 = the denoiser's own sample size
+    guidance_scale: float = 1.0  # teacher CFG scale against the empty prompt (1 = off)
+    teacher_steps: int = 25  # teacher's sampling steps in the report (pipeline scheduler)
+    sample_prompts: int = 8  # prompts drawn in the report's grids and timed
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            steps=1000, batch_size=8, lr=1e-5, ema_decay=0.99, checkpoint_every=250
+        )
+    )  # distillation loop
+    device: str = "auto"  # cpu, cuda, or auto
+
+
+def _check(cfg: LatentConfig) -> None:
+    if not cfg.teacher:
+        raise ValueError("image-latent needs --teacher PATH (a diffusers pipeline folder)")
+    if not cfg.prompts:
+        raise ValueError("image-latent needs --prompts FILE (a text file, one prompt per line)")
+
+
+class LatentRecipe:
+    name = "image-latent"
+    summary = "text-to-image diffusers pipeline (UNet or flow transformer) -> few-step student"
+    config_cls = LatentConfig
+
+    def objective_defaults(self, objective: str) -> dict[str, Any]:
+        return {}
+
+    def config_defaults(self, objective: str) -> dict[str, str]:
+        return {"dmd2": {"train.betas": "0.0,0.99"}}.get(objective, {})  # as on digits
+
+    # ---------------------------------------------------------------------------------
+    def distill(self, cfg: LatentConfig, obj_cfg, out_dir: Path) -> dict:
+        from fewstep.core import distributed as D
+        from fewstep.core.models import GuidedDenoiser, trainable_copy
+        from fewstep.core.training import Trainer
+        from fewstep.image import pipelines as P
+        from fewstep.image.prompts import PromptData, cached_embeddings, null_cond_fn, read_prompts
+
+        _check(cfg)
+        out_dir = Path(out_dir)
+        device = D.setup(cfg.device).device
+        pipe = P.load_pipeline(cfg.teacher, device)
+        prompts = read_prompts(cfg.prompts)
+        teacher_id = str(Path(cfg.teacher).resolve())
+        cond = cached_embeddings(pipe, prompts, teacher_id)
+        null = cached_embeddings(pipe, [""], teacher_id)
+        shape = P.latent_shape(pipe, cfg.resolution or None)
+        teacher = GuidedDenoiser(P.teacher_denoiser(pipe), cfg.guidance_scale, null_cond_fn(null))
+        objective = make_objective(cfg.objective, teacher, obj_cfg)
+        if objective.needs_data:
+            raise ValueError(
+                f"{cfg.objective} needs real images; image-latent distils prompt-only so far "
+                "(choose a data-free objective, e.g. dmd2 without --objective.gan_weight)"
+            )
+        student = trainable_copy(teacher.base)
+        t0 = time.perf_counter()
+        trainer = Trainer(
+            objective, student, PromptData(cond, shape), cfg.train, out_dir, device=device
+        )
+        trainer.fit()
+        distill_seconds = time.perf_counter() - t0
+        if not trainer.dist.is_main:
+            return {}
+        ema = trainer.sampling_denoiser(use_ema=True)
+        net = getattr(ema, P.network_name(pipe))
+        P.export_student(pipe, net, out_dir / PIPELINE_DIR)
+        metrics = evaluate_pipelines(cfg, pipe, out_dir, obj_cfg.student_steps, prompts)
+        metrics.update(distill_seconds=distill_seconds, distill_steps=cfg.train.steps)
+        from fewstep.core.io import atomic_write_json
+
+        atomic_write_json(out_dir / "metrics.json", metrics)
+        self.report(out_dir)
+        return {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+
+    def sample(self, run_dir: Path, n: int, out: Path | None, steps: int | None = None) -> Path:
+        from fewstep.core.report import save_image_grid
+        from fewstep.image import pipelines as P
+        from fewstep.image.prompts import read_prompts
+
+        cfg = _load_config(run_dir)
+        pipe = P.load_pipeline(Path(run_dir) / PIPELINE_DIR)
+        prompts = read_prompts(cfg["config"]["prompts"])
+        k = steps or cfg["objective_config"]["student_steps"]
+        cfg_prompts = [prompts[i % len(prompts)] for i in range(n)]
+        images = run_pipeline(pipe, cfg_prompts, k, 0, 1.0, cfg["config"]["resolution"])
+        out = out or Path(run_dir) / f"samples_{n}x{k}nfe.png"
+        return save_image_grid(out, images * 2 - 1, nrow=min(n, 8), upscale=4)
+
+    def evaluate(self, run_dir: Path) -> dict:
+        from fewstep.core.config import from_dict
+        from fewstep.image import pipelines as P
+        from fewstep.image.prompts import read_prompts
+
+        raw = _load_config(run_dir)
+        cfg = from_dict(LatentConfig, raw["config"])
+        pipe = P.load_pipeline(cfg.teacher)
+        steps = raw["objective_config"].get("student_steps", 1)
+        return evaluate_pipelines(cfg, pipe, Path(run_dir), steps, read_prompts(cfg.prompts))
+
+    def report(self, run_dir: Path) -> Path:
+        import json
+
+        from fewstep.core.report import Report
+
+        run_dir = Path(run_dir)
+        m = json.loads((run_dir / "metrics.json").read_text())
+        rep = Report(run_dir, "fewstep image-latent")
+        rep.add_table(
+            "Teacher vs student (the exported diffusers pipeline)",
+            [
+                {"model": "teacher", "NFE": m["teacher_nfe"], "s/image": m["teacher_s_per_image"]},
+                {"model": "student", "NFE": m["student_nfe"], "s/image": m["student_s_per_image"]},
+            ],
+        )
+        rep.add_image("Teacher samples", run_dir / "teacher_samples.png")
+        rep.add_image("Student samples", run_dir / "student_samples.png")
+        return rep.write()
+
+
+def _load_config(run_dir: Path) -> dict:
+    import json
+
+    from fewstep.core.cli import RUN_CONFIG
+
+    return json.loads((Path(run_dir) / RUN_CONFIG).read_text())
+
+
+def make_objective(name: str, teacher, obj_cfg):
+    from fewstep.core.config import from_dict
+    from fewstep.core.objectives import get_objective
+
+    cls = get_objective(name)
+    if isinstance(obj_cfg, dict):
+        obj_cfg = from_dict(cls.config_cls, obj_cfg)
+    return cls(teacher, obj_cfg)
+
+
+@torch.no_grad()
+def run_pipeline(pipe, prompts: list[str], steps: int, seed: int, guidance=1.0, resolution=0):
+    """Images in [0, 1] (N, 3, H, W) from a diffusers pipeline, seeded; ``resolution`` 0
+    keeps the pipeline's default size."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    size = {"height": resolution, "width": resolution} if resolution else {}
+    out = pipe(
+        prompts,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=g,
+        output_type="pt",
+        **size,
+    )
+    return out.images.float().cpu()
+
+
+def evaluate_pipelines(cfg, teacher_pipe, run_dir: Path, student_steps: int, prompts) -> dict:
+    """Teacher pipeline (``teacher_steps``) beside the exported student pipeline on the same
+    prompts and seed: grids and seconds per image."""
+    from fewstep.core.report import save_image_grid
+    from fewstep.image import pipelines as P
+
+    student_pipe = P.load_pipeline(run_dir / PIPELINE_DIR, teacher_pipe.device)
+    sample = [prompts[i % len(prompts)] for i in range(cfg.sample_prompts)]
+    rows = {}
+    for name, pipe, steps, w in (
+        ("teacher", teacher_pipe, cfg.teacher_steps, cfg.guidance_scale),
+        ("student", student_pipe, student_steps, 1.0),
+    ):
+        run_pipeline(pipe, sample[:1], steps, 0, w, cfg.resolution)  # warm-up
+        t0 = time.perf_counter()
+        images = run_pipeline(pipe, sample, steps, 0, w, cfg.resolution)
+        rows[name] = {"nfe": steps, "s": (time.perf_counter() - t0) / len(sample)}
+        save_image_grid(run_dir / f"{name}_samples.png", images * 2 - 1, nrow=8, upscale=4)
+    return {
+        "teacher_nfe": rows["teacher"]["nfe"] * (2 if cfg.guidance_scale > 1 else 1),
+        "student_nfe": rows["student"]["nfe"],
+        "teacher_s_per_image": rows["teacher"]["s"],
+        "student_s_per_image": rows["student"]["s"],
+        "speedup": rows["teacher"]["s"] / rows["student"]["s"],
+    }
+
+
+RECIPE = LatentRecipe()

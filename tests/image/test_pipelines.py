@@ -1,0 +1,176 @@
+"""Teachers from diffusers pipeline folders and students exported back to them, on tiny
+pipelines built from configs (see tiny_pipelines.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fewstep.core import cli
+from fewstep.core.paths import VPDiscrete
+from fewstep.core.samplers import DiffusersSampler
+from fewstep.image import pipelines as P
+from fewstep.image.recipes.latent import PIPELINE_DIR
+from fewstep.image.tiny import sd3_pipeline, sd_pipeline
+
+PROMPTS = ["a red circle", "a blue square", "seven", "a cat on a mat"]
+
+
+BUILDERS = {"sd": sd_pipeline, "sd3": sd3_pipeline}
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def pipe_folder(request, tmp_path_factory):
+    """A saved tiny pipeline of each type: SD-style UNet on DDPM, SD3-style flow transformer."""
+    folder = tmp_path_factory.mktemp("pipes") / request.param
+    BUILDERS[request.param](folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    f.write_text("# tiny prompt set\n" + "\n".join(PROMPTS) + "\n\n")
+    return f
+
+
+def test_path_and_prediction_follow_the_scheduler():
+    path, kind = P.path_from_scheduler(
+        {
+            "_class_name": "DDPMScheduler",
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "prediction_type": "v_prediction",
+        }  # fmt: skip
+    )
+    assert isinstance(path, VPDiscrete) and kind == "v" and path.schedule == "scaled_linear"
+    path, kind = P.path_from_scheduler(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000}
+    )
+    assert path.name == "rectified_flow" and kind == "velocity"
+    assert float(path.network_time(torch.tensor(0.25))) == 250.0  # sigma * 1000, as SD3
+    with pytest.raises(ValueError, match="prediction_type"):
+        P.path_from_scheduler({"prediction_type": "flux"})
+
+
+def test_not_a_pipeline_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        P.load_pipeline(tmp_path)
+
+
+def test_teacher_samples_like_its_own_pipeline(pipe_folder):
+    """The wrapped denoiser under fewstep's diffusers sampler reproduces the pipeline's own
+    latents (DDIM for the UNet, flow-matching Euler for the transformer) from the same
+    initial latents and prompt embeddings."""
+    from diffusers import DDIMScheduler
+
+    pipe = P.load_pipeline(pipe_folder)
+    teacher = P.teacher_denoiser(pipe)
+    cond = P.encode_prompts(pipe, PROMPTS[:2])
+    if P.network_name(pipe) == "unet":
+        assert teacher.prediction == "eps" and teacher.path.beta_end == 0.012
+        assert cond.shape[:2] == (2, 16)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        embeds = {"prompt_embeds": cond}
+    else:
+        assert teacher.prediction == "velocity" and teacher.path.name == "rectified_flow"
+        assert cond["pooled_projections"].shape == (2, 64)
+        embeds = {
+            "prompt_embeds": cond["encoder_hidden_states"],
+            "pooled_prompt_embeds": cond["pooled_projections"],
+        }
+    latents = torch.randn(2, *P.latent_shape(pipe), generator=torch.Generator().manual_seed(0))
+    want = pipe(
+        **embeds, latents=latents, num_inference_steps=4, guidance_scale=1.0, output_type="latent"
+    ).images
+    ours = DiffusersSampler(type(pipe.scheduler).from_config(pipe.scheduler.config), steps=4)
+    got = ours.sample(teacher, latents, cond)
+    assert got.nfe == 4
+    torch.testing.assert_close(got.x, want, rtol=1e-4, atol=1e-5)
+
+
+def test_prompt_embeddings_are_cached(pipe_folder, cache_dir):
+    """Tensors (SD) and dicts of tensors (SD3) come back from the cache as encoded."""
+    from fewstep.image.prompts import cached_embeddings
+
+    def files():
+        return set((cache_dir / "prompt-embeddings").glob("*.safetensors"))
+
+    pipe = P.load_pipeline(pipe_folder)
+    first = cached_embeddings(pipe, PROMPTS, str(pipe_folder))
+    before = files()
+    again = cached_embeddings(pipe, PROMPTS, str(pipe_folder))
+    torch.testing.assert_close(first, again)
+    torch.testing.assert_close(first, P.encode_prompts(pipe, PROMPTS))
+    assert files() == before  # read back, not written again
+    cached_embeddings(pipe, PROMPTS[:2], str(pipe_folder))  # another prompt set: another file
+    assert len(files() - before) == 1
+
+
+@pytest.fixture(scope="module")
+def latent_run(pipe_folder, prompt_file, tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("run") / "latent"
+    args = ["distill", "image-latent", "--out", str(out), "--teacher", str(pipe_folder)]
+    args += ["--prompts", str(prompt_file), "--train.steps", "4", "--train.batch_size", "2"]
+    args += ["--teacher-steps", "2", "--sample-prompts", "2", "--train.progress", "false"]
+    # the fake score starts as the teacher, so the first student update is zero: two more
+    args += ["--objective.fake_updates_per_student", "1"]
+    assert cli.main(args) == 0
+    return out
+
+
+def test_distilled_student_exports_as_a_diffusers_pipeline(latent_run, pipe_folder):
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, LCMScheduler
+
+    for name in ("metrics.json", "report.html", "teacher_samples.png", "student_samples.png"):
+        assert (latent_run / name).exists(), name
+    cfg = json.loads((latent_run / "config.json").read_text())
+    assert cfg["config"]["train"]["betas"] == [0.0, 0.99]  # the recipe's DMD2 setting
+    m = json.loads((latent_run / "metrics.json").read_text())
+    assert m["student_nfe"] == 1 and m["teacher_nfe"] == 2
+
+    folder = latent_run / PIPELINE_DIR
+    # stock diffusers loading (the tiny SD3 has no T5 encoder: diffusers wants it named None)
+    pipe = DiffusionPipeline.from_pretrained(str(folder), **P.absent_components(folder))
+    name = P.network_name(pipe)
+    few_step = LCMScheduler if name == "unet" else FlowMatchEulerDiscreteScheduler
+    assert isinstance(pipe.scheduler, few_step)
+    teacher = P.load_pipeline(pipe_folder)
+    moved = [
+        float((a - b).abs().max().detach())
+        for a, b in zip(
+            getattr(pipe, name).parameters(), getattr(teacher, name).parameters(), strict=True
+        )
+    ]
+    assert max(moved) > 0  # the student's weights, not the teacher's
+
+    def one_step(p):
+        g = torch.Generator().manual_seed(3)
+        return p(PROMPTS[:2], num_inference_steps=1, guidance_scale=1.0, generator=g,
+                 output_type="latent").images  # fmt: skip
+
+    # a second load samples identically; the one step is the student's x0 prediction at
+    # t_max from the pipeline's unit noise (LCM's c_skip at t = 999 is ~1e-9; the flow
+    # scheduler's Euler jump from sigma 1 to 0 is exactly x - v)
+    again = DiffusionPipeline.from_pretrained(str(folder), **P.absent_components(folder))
+    torch.testing.assert_close(one_step(pipe), one_step(again))
+    noise = torch.randn(2, *P.latent_shape(pipe), generator=torch.Generator().manual_seed(3))
+    student = P.teacher_denoiser(pipe)
+    t_max = torch.full((2,), student.path.t_max)
+    with torch.no_grad():
+        want = student.predict(noise, t_max, P.encode_prompts(pipe, PROMPTS[:2]))
+    torch.testing.assert_close(one_step(pipe), want, rtol=1e-4, atol=1e-4)
+
+
+def test_latent_recipe_bad_input_is_a_clear_error(capsys, pipe_folder, prompt_file, tmp_path):
+    assert cli.main(["distill", "image-latent", "--train.steps", "1"]) == 2
+    assert "--teacher PATH" in capsys.readouterr().err
+    args = ["distill", "image-latent", "--teacher", str(pipe_folder), "--out", str(tmp_path)]
+    assert cli.main([*args, "--prompts", str(tmp_path / "none.txt")]) == 2
+    assert "prompt file" in capsys.readouterr().err
+    gan = ["--prompts", str(prompt_file), "--objective.gan_weight", "0.1"]
+    assert cli.main([*args, *gan]) == 2
+    assert "needs real images" in capsys.readouterr().err
