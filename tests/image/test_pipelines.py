@@ -12,7 +12,7 @@ from fewstep.core import cli
 from fewstep.core.paths import VPDiscrete
 from fewstep.core.samplers import DiffusersSampler
 from fewstep.image import pipelines as P
-from fewstep.image.recipes.latent import PIPELINE_DIR
+from fewstep.image.recipes.latent import LORA_DIR, PIPELINE_DIR
 from fewstep.image.tiny import sd3_pipeline, sd_pipeline
 
 PROMPTS = ["a red circle", "a blue square", "seven", "a cat on a mat"]
@@ -174,3 +174,55 @@ def test_latent_recipe_bad_input_is_a_clear_error(capsys, pipe_folder, prompt_fi
     gan = ["--prompts", str(prompt_file), "--objective.gan_weight", "0.1"]
     assert cli.main([*args, *gan]) == 2
     assert "needs real images" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def lora_run(pipe_folder, prompt_file, tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("run") / "lora"
+    args = ["distill", "image-latent", "--out", str(out), "--teacher", str(pipe_folder)]
+    args += ["--prompts", str(prompt_file), "--train.steps", "4", "--train.batch_size", "2"]
+    args += ["--teacher-steps", "2", "--sample-prompts", "2", "--train.progress", "false"]
+    args += ["--objective.fake_updates_per_student", "1", "--lora-rank", "4"]
+    args += ["--train.lr", "1e-3", "--guidance-scale", "1.5", "--guidance-max", "3"]
+    assert cli.main(args) == 0
+    return out
+
+
+def test_lora_student_trains_adapters_only_and_exports_merged_and_adapter_only(
+    lora_run, pipe_folder
+):
+    from diffusers import DiffusionPipeline
+
+    folder = lora_run / PIPELINE_DIR
+    merged = DiffusionPipeline.from_pretrained(str(folder), **P.absent_components(folder))
+    teacher = P.load_pipeline(pipe_folder)
+    name = P.network_name(teacher)
+    net, base = getattr(merged, name), getattr(teacher, name)
+    assert not P.has_lora(net)  # a plain network: the adapters are folded in
+    changed = {
+        k
+        for (k, a), b in zip(net.state_dict().items(), base.state_dict().values(), strict=True)
+        if not torch.equal(a, b)
+    }
+    targets = tuple(f"{t}.weight" for t in P.LORA_TARGETS)
+    assert changed and all(k.endswith(targets) for k in changed), sorted(changed)[:5]
+
+    # the adapters alone, loaded onto the teacher's pipeline the diffusers way, give the
+    # merged network's predictions
+    teacher.load_lora_weights(str(lora_run / LORA_DIR))
+    x = torch.randn(2, *P.latent_shape(teacher), generator=torch.Generator().manual_seed(5))
+    cond = P.encode_prompts(teacher, PROMPTS[:2])
+    t = torch.full((2,), 0.5 * P.teacher_denoiser(teacher).path.t_max)
+    with torch.no_grad():
+        via_adapter = P.teacher_denoiser(teacher)(x, t, cond)
+        via_merged = P.teacher_denoiser(merged)(x, t, cond)
+    torch.testing.assert_close(via_adapter, via_merged, rtol=1e-4, atol=1e-5)
+    cfg = json.loads((lora_run / "config.json").read_text())["config"]
+    assert cfg["lora_rank"] == 4 and cfg["guidance_max"] == 3.0
+    assert json.loads((lora_run / "metrics.json").read_text())["teacher_nfe"] == 4  # CFG: 2/step
+
+
+def test_lora_needs_a_positive_rank(pipe_folder):
+    pipe = P.load_pipeline(pipe_folder)
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        P.add_lora(getattr(pipe, P.network_name(pipe)), 0)

@@ -137,6 +137,56 @@ def latent_shape(pipe, resolution: int | None = None) -> tuple[int, int, int]:
     return (net.config.in_channels, size, size)
 
 
+# --- LoRA --------------------------------------------------------------------------------
+# attention projections, the default of diffusers' LoRA training scripts and of LCM-LoRA
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def add_lora(net: nn.Module, rank: int, alpha: float = 0.0, targets=LORA_TARGETS) -> nn.Module:
+    """Freeze ``net`` and give it trainable LoRA adapters through peft (diffusers'
+    ``add_adapter``); B starts at zero, so the adapted network starts as ``net``."""
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    net.requires_grad_(False)
+    net.add_adapter(
+        LoraConfig(
+            r=rank,
+            lora_alpha=alpha or rank,
+            init_lora_weights="gaussian",
+            target_modules=list(targets),
+        )
+    )
+    return net
+
+
+def has_lora(net: nn.Module) -> bool:
+    return bool(getattr(net, "peft_config", None))
+
+
+def merged(net: nn.Module) -> nn.Module:
+    """A plain copy of a LoRA-adapted network with the adapters folded into its weights."""
+    import copy
+
+    out = copy.deepcopy(net)
+    if has_lora(out):
+        out.fuse_lora()
+        out.unload_lora()
+    return out
+
+
+def save_lora(pipe, net: nn.Module, out_dir: str | FsPath) -> FsPath:
+    """The adapters alone, in the pipeline class's own LoRA format (``pipe.load_lora_weights``
+    reads them onto the teacher's pipeline)."""
+    from peft.utils import get_peft_model_state_dict
+
+    out = FsPath(out_dir)
+    layers = {f"{network_name(pipe)}_lora_layers": get_peft_model_state_dict(net)}
+    type(pipe).save_lora_weights(str(out), **layers)
+    return out
+
+
 # --- export -------------------------------------------------------------------------------
 def student_scheduler(pipe):
     """A stock diffusers few-step scheduler for the student: LCMScheduler on DDPM-family
@@ -151,14 +201,13 @@ def student_scheduler(pipe):
 
 
 def export_student(pipe, student: nn.Module, out_dir: str | FsPath) -> FsPath:
-    """Save a copy of ``pipe`` whose denoiser is ``student`` (the bare diffusers network)
-    and whose scheduler is ``student_scheduler(pipe)``; returns the folder."""
-    import copy
-
+    """Save a copy of ``pipe`` whose denoiser is ``student`` (the bare diffusers network;
+    LoRA adapters are merged) and whose scheduler is ``student_scheduler(pipe)``; returns
+    the folder."""
     out = FsPath(out_dir)
     name = network_name(pipe)
     components = dict(pipe.components)
-    components[name] = copy.deepcopy(student).eval()
+    components[name] = merged(student).eval()
     components["scheduler"] = student_scheduler(pipe)
     type(pipe)(**components).save_pretrained(str(out))
     return out

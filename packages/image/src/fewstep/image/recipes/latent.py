@@ -18,7 +18,8 @@ import torch
 
 from fewstep.core.training import TrainConfig
 
-PIPELINE_DIR = "pipeline"
+PIPELINE_DIR = "pipeline"  # the student as a whole pipeline (LoRA merged)
+LORA_DIR = "lora"  # LoRA students: the adapters alone, for the teacher's pipeline
 
 
 @dataclass
@@ -27,7 +28,11 @@ class LatentConfig:
     teacher: str = ""  # diffusers pipeline folder (with model_index.json); required
     prompts: str = ""  # text file, one prompt per line; required
     resolution: int = 0  # image side in pixels; 0 = the denoiser's own sample size
-    guidance_scale: float = 1.0  # teacher CFG scale against the empty prompt (1 = off)
+    guidance_scale: float = 1.0  # teacher CFG scale (1 = off)
+    guidance_max: float = 0.0  # > guidance_scale: each sample draws its scale in between
+    negative_prompt: str = ""  # CFG's unconditional prompt (empty = the usual null prompt)
+    lora_rank: int = 0  # > 0: the student trains LoRA adapters only (peft); 0 = full weights
+    lora_alpha: float = 0.0  # LoRA scale numerator (0 = the rank)
     teacher_steps: int = 25  # teacher's sampling steps in the report (pipeline scheduler)
     sample_prompts: int = 8  # prompts drawn in the report's grids and timed
     train: TrainConfig = field(
@@ -71,9 +76,9 @@ class LatentRecipe:
         prompts = read_prompts(cfg.prompts)
         teacher_id = str(Path(cfg.teacher).resolve())
         cond = cached_embeddings(pipe, prompts, teacher_id)
-        null = cached_embeddings(pipe, [""], teacher_id)
+        null = cached_embeddings(pipe, [cfg.negative_prompt], teacher_id)
         shape = P.latent_shape(pipe, cfg.resolution or None)
-        teacher = GuidedDenoiser(P.teacher_denoiser(pipe), cfg.guidance_scale, null_cond_fn(null))
+        teacher = GuidedDenoiser(P.teacher_denoiser(pipe), guidance(cfg), null_cond_fn(null))
         objective = make_objective(cfg.objective, teacher, obj_cfg)
         if objective.needs_data:
             raise ValueError(
@@ -81,6 +86,8 @@ class LatentRecipe:
                 "(choose a data-free objective, e.g. dmd2 without --objective.gan_weight)"
             )
         student = trainable_copy(teacher.base)
+        if cfg.lora_rank:
+            P.add_lora(getattr(student, P.network_name(pipe)), cfg.lora_rank, cfg.lora_alpha)
         t0 = time.perf_counter()
         trainer = Trainer(
             objective, student, PromptData(cond, shape), cfg.train, out_dir, device=device
@@ -92,6 +99,8 @@ class LatentRecipe:
         ema = trainer.sampling_denoiser(use_ema=True)
         net = getattr(ema, P.network_name(pipe))
         P.export_student(pipe, net, out_dir / PIPELINE_DIR)
+        if P.has_lora(net):
+            P.save_lora(pipe, net, out_dir / LORA_DIR)
         metrics = evaluate_pipelines(cfg, pipe, out_dir, obj_cfg.student_steps, prompts)
         metrics.update(distill_seconds=distill_seconds, distill_steps=cfg.train.steps)
         from fewstep.core.io import atomic_write_json
@@ -145,6 +154,13 @@ class LatentRecipe:
         return rep.write()
 
 
+def guidance(cfg: LatentConfig) -> float | tuple[float, float]:
+    """The teacher's CFG scale: fixed, or a per-sample range (SNOOPI's random guidance)."""
+    if cfg.guidance_max > cfg.guidance_scale:
+        return (cfg.guidance_scale, cfg.guidance_max)
+    return cfg.guidance_scale
+
+
 def _load_config(run_dir: Path) -> dict:
     import json
 
@@ -164,18 +180,20 @@ def make_objective(name: str, teacher, obj_cfg):
 
 
 @torch.no_grad()
-def run_pipeline(pipe, prompts: list[str], steps: int, seed: int, guidance=1.0, resolution=0):
+def run_pipeline(pipe, prompts, steps: int, seed: int, guidance=1.0, resolution=0, negative=""):
     """Images in [0, 1] (N, 3, H, W) from a diffusers pipeline, seeded; ``resolution`` 0
     keeps the pipeline's default size."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    size = {"height": resolution, "width": resolution} if resolution else {}
+    kw = {"height": resolution, "width": resolution} if resolution else {}
+    if negative and guidance > 1:
+        kw["negative_prompt"] = [negative] * len(prompts)
     out = pipe(
         prompts,
         num_inference_steps=steps,
         guidance_scale=guidance,
         generator=g,
         output_type="pt",
-        **size,
+        **kw,
     )
     return out.images.float().cpu()
 
@@ -189,13 +207,13 @@ def evaluate_pipelines(cfg, teacher_pipe, run_dir: Path, student_steps: int, pro
     student_pipe = P.load_pipeline(run_dir / PIPELINE_DIR, teacher_pipe.device)
     sample = [prompts[i % len(prompts)] for i in range(cfg.sample_prompts)]
     rows = {}
-    for name, pipe, steps, w in (
-        ("teacher", teacher_pipe, cfg.teacher_steps, cfg.guidance_scale),
-        ("student", student_pipe, student_steps, 1.0),
+    for name, pipe, steps, w, neg in (
+        ("teacher", teacher_pipe, cfg.teacher_steps, cfg.guidance_scale, cfg.negative_prompt),
+        ("student", student_pipe, student_steps, 1.0, ""),
     ):
-        run_pipeline(pipe, sample[:1], steps, 0, w, cfg.resolution)  # warm-up
+        run_pipeline(pipe, sample[:1], steps, 0, w, cfg.resolution, neg)  # warm-up
         t0 = time.perf_counter()
-        images = run_pipeline(pipe, sample, steps, 0, w, cfg.resolution)
+        images = run_pipeline(pipe, sample, steps, 0, w, cfg.resolution, neg)
         rows[name] = {"nfe": steps, "s": (time.perf_counter() - t0) / len(sample)}
         save_image_grid(run_dir / f"{name}_samples.png", images * 2 - 1, nrow=8, upscale=4)
     return {
