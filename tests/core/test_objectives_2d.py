@@ -35,8 +35,14 @@ CD = dict(steps=400, batch_size=128, lr=1e-3, ema_decay=0.95)
 # ------------------------------------------------------------------------ they learn
 
 
+# The VP cases repeat the VP checkerboard cases of objectives/test_checkerboard.py: slow-marked
+VP_REPEAT = pytest.mark.slow
+
+
 @pytest.mark.parametrize(
-    ("teacher_name", "budget"), [("rf_teacher", DMD2_RF), ("vp_teacher", DMD2_VP)], ids=["rf", "vp"]
+    ("teacher_name", "budget"),
+    [("rf_teacher", DMD2_RF), pytest.param("vp_teacher", DMD2_VP, marks=VP_REPEAT)],
+    ids=["rf", "vp"],
 )
 def test_dmd2_one_step(request, tmp_path, teacher_name, budget):
     teacher = request.getfixturevalue(teacher_name)
@@ -44,7 +50,9 @@ def test_dmd2_one_step(request, tmp_path, teacher_name, budget):
     assert out.learned(), out
 
 
-@pytest.mark.parametrize("teacher_name", ["rf_teacher", "vp_teacher"], ids=["rf", "vp"])
+@pytest.mark.parametrize(
+    "teacher_name", ["rf_teacher", pytest.param("vp_teacher", marks=VP_REPEAT)], ids=["rf", "vp"]
+)
 def test_consistency_one_step(request, tmp_path, teacher_name):
     teacher = request.getfixturevalue(teacher_name)
     out = distil(teacher, "consistency", CD_CFG, CD, tmp_path)

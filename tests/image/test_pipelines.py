@@ -92,6 +92,25 @@ def test_teacher_samples_like_its_own_pipeline(pipe_folder):
     torch.testing.assert_close(got.x, want, rtol=1e-4, atol=1e-5)
 
 
+def test_v_prediction_unet_teacher_samples_like_its_own_pipeline(tmp_path):
+    from diffusers import DDIMScheduler
+
+    pipe = sd_pipeline(tmp_path / "sd-v", prediction_type="v_prediction")
+    pipe.set_progress_bar_config(disable=True)
+    teacher = P.teacher_denoiser(pipe)
+    assert teacher.prediction == "v"
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    cond = P.encode_prompts(pipe, PROMPTS[:2])
+    latents = torch.randn(2, *P.latent_shape(pipe), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = pipe(
+            prompt_embeds=cond, latents=latents, num_inference_steps=3, guidance_scale=1.0,
+            output_type="latent",
+        ).images  # fmt: skip
+    got = DiffusersSampler(DDIMScheduler.from_config(pipe.scheduler.config), steps=3)
+    torch.testing.assert_close(got.sample(teacher, latents, cond).x, want, rtol=1e-4, atol=1e-5)
+
+
 def test_prompt_embeddings_are_cached(pipe_folder, cache_dir):
     """Tensors (SD) and dicts of tensors (SD3) come back from the cache as encoded."""
     from fewstep.image.prompts import cached_embeddings

@@ -68,24 +68,27 @@ def tiny_vae(latent_channels: int = 4):
         block_out_channels=(8, 16),
         latent_channels=latent_channels,
         norm_num_groups=4,
-        sample_size=16,
+        sample_size=16,  # config metadata only; the VAE is fully convolutional
     )
 
 
-def sd_pipeline(folder: Path, prediction_type: str = "epsilon", seed: int = 0):
+def sd_pipeline(
+    folder: Path, prediction_type: str = "epsilon", seed: int = 0, width: int = 1, size: int = 8
+):
     """A Stable-Diffusion-style pipeline (UNet2DConditionModel, CLIP, DDPM scaled_linear
-    schedule) for 16x16 images (8x8 latents), saved to ``folder``; returns the pipeline."""
+    schedule) over ``size``-pixel latents (images twice that), UNet channels ``width`` x
+    (16, 32), saved to ``folder``; returns the pipeline."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer(folder / "_tokenizer_src")
     unet = UNet2DConditionModel(
-        sample_size=8,
+        sample_size=size,
         in_channels=4,
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(16, 32),
+        block_out_channels=(16 * width, 32 * width),
         layers_per_block=1,
         cross_attention_dim=32,
         attention_head_dim=4,
@@ -112,10 +115,10 @@ def sd_pipeline(folder: Path, prediction_type: str = "epsilon", seed: int = 0):
     return pipe
 
 
-def sd3_pipeline(folder: Path, seed: int = 0):
-    """An SD3-style flow-matching pipeline (SD3Transformer2DModel over 8x8 latents, two CLIP
-    text encoders, no T5: the pipeline then uses zeros for the T5 tokens), saved to
-    ``folder``; returns the pipeline."""
+def sd3_pipeline(folder: Path, seed: int = 0, width: int = 1, size: int = 8):
+    """An SD3-style flow-matching pipeline (SD3Transformer2DModel over ``size``-pixel
+    latents with ``width`` x 4 heads of 8, two CLIP text encoders, no T5: the pipeline then
+    uses zeros for the T5 tokens), saved to ``folder``; returns the pipeline."""
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
@@ -125,17 +128,17 @@ def sd3_pipeline(folder: Path, seed: int = 0):
     torch.manual_seed(seed)
     tok = clip_tokenizer(folder / "_tokenizer_src")
     transformer = SD3Transformer2DModel(
-        sample_size=8,
+        sample_size=size,
         patch_size=1,
         in_channels=4,
         num_layers=2,
         attention_head_dim=8,
-        num_attention_heads=4,
+        num_attention_heads=4 * width,
         joint_attention_dim=64,  # the two CLIP widths side by side (32 + 32)
-        caption_projection_dim=32,
+        caption_projection_dim=32 * width,
         pooled_projection_dim=64,
         out_channels=4,
-        pos_embed_max_size=8,
+        pos_embed_max_size=size,
     )
     vae = tiny_vae()
     vae.register_to_config(shift_factor=0.0)
