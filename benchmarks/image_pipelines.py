@@ -40,11 +40,11 @@ def seconds_per_image(pipe, steps: int, guidance: float, batch: int, repeats: in
     from fewstep.image.recipes.latent import run_pipeline
 
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-    run_pipeline(pipe, prompts[:1], steps, 0, guidance)  # warm-up
+    run_pipeline(pipe, prompts[:1], 0, guidance, num_inference_steps=steps)  # warm-up
     times = []
     for r in range(repeats):
         t0 = time.perf_counter()
-        run_pipeline(pipe, prompts, steps, r, guidance)
+        run_pipeline(pipe, prompts, r, guidance, num_inference_steps=steps)
         times.append((time.perf_counter() - t0) / batch)
     return statistics.median(times)
 

@@ -111,6 +111,26 @@ def test_v_prediction_unet_teacher_samples_like_its_own_pipeline(tmp_path):
     torch.testing.assert_close(got.sample(teacher, latents, cond).x, want, rtol=1e-4, atol=1e-5)
 
 
+def test_transformer_features_are_the_middle_blocks_image_tokens(tmp_path):
+    from fewstep.image.tiny import sd3_pipeline as build
+
+    pipe = build(tmp_path / "sd3-features")
+    den = P.teacher_denoiser(pipe)
+    middle = pipe.transformer.transformer_blocks[1]  # of 2
+    seen: list = []
+    hook = middle.register_forward_hook(lambda m, i, o: seen.append(o))
+    x = torch.randn(2, *P.latent_shape(pipe), generator=torch.Generator().manual_seed(2))
+    cond, t = P.encode_prompts(pipe, PROMPTS[:2]), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        den(x, t, cond)
+        full = seen.pop()[1].mean(dim=1)  # (text, image) streams of the middle block
+        hook.remove()
+        pipe.transformer.norm_out.register_forward_hook(lambda m, i, o: seen.append(o))
+        f = den.features(x, t, cond)
+    assert f.shape == (2, 32) and not seen  # what follows the middle block never ran
+    torch.testing.assert_close(f, full)
+
+
 def test_prompt_embeddings_are_cached(pipe_folder, cache_dir):
     """Tensors (SD) and dicts of tensors (SD3) come back from the cache as encoded."""
     from fewstep.image.prompts import cached_embeddings
@@ -150,6 +170,7 @@ def test_distilled_student_exports_as_a_diffusers_pipeline(latent_run, pipe_fold
     assert cfg["config"]["train"]["betas"] == [0.0, 0.99]  # the recipe's DMD2 setting
     m = json.loads((latent_run / "metrics.json").read_text())
     assert m["student_nfe"] == 1 and m["teacher_nfe"] == 2
+    assert P.pipeline_kwargs(latent_run / PIPELINE_DIR) == {"num_inference_steps": 1}
 
     folder = latent_run / PIPELINE_DIR
     # stock diffusers loading (the tiny SD3 has no T5 encoder: diffusers wants it named None)
@@ -239,6 +260,43 @@ def test_lora_student_trains_adapters_only_and_exports_merged_and_adapter_only(
     cfg = json.loads((lora_run / "config.json").read_text())["config"]
     assert cfg["lora_rank"] == 4 and cfg["guidance_max"] == 3.0
     assert json.loads((lora_run / "metrics.json").read_text())["teacher_nfe"] == 4  # CFG: 2/step
+
+
+def test_multi_step_export_samples_on_the_training_grid(pipe_folder, tmp_path):
+    """A 2-step student's exported pipeline runs the steps fewstep trains: LCM's own
+    timesteps (999, 499) on the DDPM path; on flow matching the recorded sigmas (1, 0.5),
+    where the stochastic flow-Euler scheduler reproduces fewstep's few-step sampler (x0,
+    then re-noise with fresh noise) given the same noise draws."""
+    from fewstep.core.samplers import FewStepSampler
+
+    pipe = P.load_pipeline(pipe_folder)
+    name = P.network_name(pipe)
+    times = P.student_times(pipe, 2)
+    folder = P.export_student(pipe, getattr(pipe, name), tmp_path / "two-step", times)
+    student = P.load_pipeline(folder)
+    call = P.pipeline_kwargs(folder)
+    cond = P.encode_prompts(pipe, PROMPTS[:2])
+    if name == "unet":
+        assert times == (1.0, 499 / 999) and call == {"num_inference_steps": 2}
+        student.scheduler.set_timesteps(2)
+        assert student.scheduler.timesteps.tolist() == [999, 499]
+        return
+    assert times == (1.0, 0.5) and call == {"num_inference_steps": 2, "sigmas": [1.0, 0.5]}
+    embeds = {
+        "prompt_embeds": cond["encoder_hidden_states"],
+        "pooled_prompt_embeds": cond["pooled_projections"],
+    }
+    # the pipeline draws its initial latents from `generator` and the scheduler's step noise
+    # from the global RNG
+    torch.manual_seed(11)
+    got = student(
+        **embeds, guidance_scale=1.0, generator=torch.Generator().manual_seed(4),
+        output_type="latent", **call,
+    ).images  # fmt: skip
+    noise = torch.randn(2, *P.latent_shape(pipe), generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(11)
+    want = FewStepSampler(times).sample(P.teacher_denoiser(student), noise, cond)
+    torch.testing.assert_close(got, want.x, rtol=1e-4, atol=1e-5)
 
 
 def test_lora_needs_a_positive_rank(pipe_folder):

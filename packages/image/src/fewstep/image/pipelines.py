@@ -188,26 +188,74 @@ def save_lora(pipe, net: nn.Module, out_dir: str | FsPath) -> FsPath:
 
 
 # --- export -------------------------------------------------------------------------------
+def _is_flow(pipe) -> bool:
+    return "FlowMatch" in pipe.scheduler.config.get("_class_name", "")
+
+
 def student_scheduler(pipe):
-    """A stock diffusers few-step scheduler for the student: LCMScheduler on DDPM-family
-    paths (its one-step output at t_max is the x0 prediction up to c_skip ~ 1e-9),
-    FlowMatchEulerDiscreteScheduler on flow matching (the Euler jump with the velocity is
-    the x0 prediction)."""
+    """A stock diffusers scheduler that samples the student as fewstep does: predict x0,
+    re-noise to the next time with fresh noise. LCMScheduler on DDPM-family paths (c_skip
+    at its times is < 1e-7, so each step is the x0 prediction); FlowMatchEuler with
+    ``stochastic_sampling`` and no shift on flow matching (x0 = x - sigma v, then
+    (1 - sigma') x0 + sigma' noise)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
 
-    if "FlowMatch" in pipe.scheduler.config.get("_class_name", ""):
-        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0)
-    return LCMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    if _is_flow(pipe):
+        return FlowMatchEulerDiscreteScheduler.from_config(
+            pipe.scheduler.config, shift=1.0, stochastic_sampling=True
+        )
+    return LCMScheduler.from_config(pipe.scheduler.config)
 
 
-def export_student(pipe, student: nn.Module, out_dir: str | FsPath) -> FsPath:
+def student_times(pipe, steps: int) -> tuple[float, ...]:
+    """The student's step times as path fractions (1 = noise), the grid its exported
+    scheduler uses: LCM's own timesteps for ``steps`` (e.g. 999, 499 for two) on DDPM-family
+    paths; evenly spaced sigmas 1, 1 - 1/k, ... on flow matching (passed to the pipeline as
+    ``sigmas``, see ``pipeline_kwargs``)."""
+    if steps < 1:
+        raise ValueError(f"student steps must be >= 1, got {steps}")
+    if _is_flow(pipe):
+        return tuple(1.0 - i / steps for i in range(steps))
+    sch = student_scheduler(pipe)
+    sch.set_timesteps(steps)
+    t_max = sch.config.num_train_timesteps - 1
+    return tuple(float(t) / t_max for t in sch.timesteps)
+
+
+STUDENT_FILE = "fewstep_student.json"
+
+
+def pipeline_kwargs(folder: str | FsPath, steps: int | None = None) -> dict:
+    """Keyword arguments that make an exported student pipeline sample on its training grid:
+    ``num_inference_steps``, plus ``sigmas`` for flow-matching students."""
+    import json
+
+    info = json.loads((FsPath(folder) / STUDENT_FILE).read_text())
+    if steps is not None and steps != info["steps"]:
+        return {"num_inference_steps": steps}  # another step count: the scheduler's own grid
+    kw = {"num_inference_steps": info["steps"]}
+    if info.get("sigmas"):
+        kw["sigmas"] = info["sigmas"]
+    return kw
+
+
+def export_student(
+    pipe, student: nn.Module, out_dir: str | FsPath, times: tuple[float, ...] = (1.0,)
+) -> FsPath:
     """Save a copy of ``pipe`` whose denoiser is ``student`` (the bare diffusers network;
-    LoRA adapters are merged) and whose scheduler is ``student_scheduler(pipe)``; returns
-    the folder."""
+    LoRA adapters are merged) and whose scheduler is ``student_scheduler(pipe)``, with
+    ``fewstep_student.json`` recording the step ``times`` it was trained for (path
+    fractions; see ``pipeline_kwargs``); returns the folder."""
+    import json
+
     out = FsPath(out_dir)
     name = network_name(pipe)
     components = dict(pipe.components)
     components[name] = merged(student).eval()
     components["scheduler"] = student_scheduler(pipe)
     type(pipe)(**components).save_pretrained(str(out))
+    info = {"steps": len(times), "times": list(times)}
+    if _is_flow(pipe) and len(times) > 1:
+        info["sigmas"] = list(times)  # flow matching: sigma = t
+    (out / STUDENT_FILE).write_text(json.dumps(info, indent=2))
     return out

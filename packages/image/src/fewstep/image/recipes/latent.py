@@ -9,6 +9,7 @@ config, ``metrics.json``, teacher/student sample grids and ``report.html``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,9 @@ class LatentRecipe:
         null = cached_embeddings(pipe, [cfg.negative_prompt], teacher_id)
         shape = P.latent_shape(pipe, cfg.resolution or None)
         teacher = GuidedDenoiser(P.teacher_denoiser(pipe), guidance(cfg), null_cond_fn(null))
+        if not obj_cfg.student_times:  # train on the grid the exported scheduler samples
+            times = P.student_times(pipe, obj_cfg.student_steps)
+            obj_cfg = dataclasses.replace(obj_cfg, student_times=times)
         objective = make_objective(cfg.objective, teacher, obj_cfg)
         if objective.needs_data:
             raise ValueError(
@@ -98,10 +102,10 @@ class LatentRecipe:
             return {}
         ema = trainer.sampling_denoiser(use_ema=True)
         net = getattr(ema, P.network_name(pipe))
-        P.export_student(pipe, net, out_dir / PIPELINE_DIR)
+        P.export_student(pipe, net, out_dir / PIPELINE_DIR, tuple(obj_cfg.student_times))
         if P.has_lora(net):
             P.save_lora(pipe, net, out_dir / LORA_DIR)
-        metrics = evaluate_pipelines(cfg, pipe, out_dir, obj_cfg.student_steps, prompts)
+        metrics = evaluate_pipelines(cfg, pipe, out_dir, prompts)
         metrics.update(distill_seconds=distill_seconds, distill_steps=cfg.train.steps)
         from fewstep.core.io import atomic_write_json
 
@@ -117,10 +121,10 @@ class LatentRecipe:
         cfg = _load_config(run_dir)
         pipe = P.load_pipeline(Path(run_dir) / PIPELINE_DIR)
         prompts = read_prompts(cfg["config"]["prompts"])
-        k = steps or cfg["objective_config"]["student_steps"]
+        call = P.pipeline_kwargs(Path(run_dir) / PIPELINE_DIR, steps)
         cfg_prompts = [prompts[i % len(prompts)] for i in range(n)]
-        images = run_pipeline(pipe, cfg_prompts, k, 0, 1.0, cfg["config"]["resolution"])
-        out = out or Path(run_dir) / f"samples_{n}x{k}nfe.png"
+        images = run_pipeline(pipe, cfg_prompts, 0, 1.0, cfg["config"]["resolution"], **call)
+        out = out or Path(run_dir) / f"samples_{n}x{call['num_inference_steps']}nfe.png"
         return save_image_grid(out, images * 2 - 1, nrow=min(n, 8), upscale=4)
 
     def evaluate(self, run_dir: Path) -> dict:
@@ -131,8 +135,7 @@ class LatentRecipe:
         raw = _load_config(run_dir)
         cfg = from_dict(LatentConfig, raw["config"])
         pipe = P.load_pipeline(cfg.teacher)
-        steps = raw["objective_config"].get("student_steps", 1)
-        return evaluate_pipelines(cfg, pipe, Path(run_dir), steps, read_prompts(cfg.prompts))
+        return evaluate_pipelines(cfg, pipe, Path(run_dir), read_prompts(cfg.prompts))
 
     def report(self, run_dir: Path) -> Path:
         import json
@@ -180,25 +183,20 @@ def make_objective(name: str, teacher, obj_cfg):
 
 
 @torch.no_grad()
-def run_pipeline(pipe, prompts, steps: int, seed: int, guidance=1.0, resolution=0, negative=""):
+def run_pipeline(pipe, prompts, seed: int, guidance=1.0, resolution=0, negative="", **call):
     """Images in [0, 1] (N, 3, H, W) from a diffusers pipeline, seeded; ``resolution`` 0
-    keeps the pipeline's default size."""
+    keeps the pipeline's default size; ``call`` holds ``num_inference_steps`` (and
+    ``sigmas``, ...)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    kw = {"height": resolution, "width": resolution} if resolution else {}
+    if resolution:
+        call.update(height=resolution, width=resolution)
     if negative and guidance > 1:
-        kw["negative_prompt"] = [negative] * len(prompts)
-    out = pipe(
-        prompts,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=g,
-        output_type="pt",
-        **kw,
-    )
+        call["negative_prompt"] = [negative] * len(prompts)
+    out = pipe(prompts, guidance_scale=guidance, generator=g, output_type="pt", **call)
     return out.images.float().cpu()
 
 
-def evaluate_pipelines(cfg, teacher_pipe, run_dir: Path, student_steps: int, prompts) -> dict:
+def evaluate_pipelines(cfg, teacher_pipe, run_dir: Path, prompts) -> dict:
     """Teacher pipeline (``teacher_steps``) beside the exported student pipeline on the same
     prompts and seed: grids and seconds per image."""
     from fewstep.core.report import save_image_grid
@@ -207,14 +205,18 @@ def evaluate_pipelines(cfg, teacher_pipe, run_dir: Path, student_steps: int, pro
     student_pipe = P.load_pipeline(run_dir / PIPELINE_DIR, teacher_pipe.device)
     sample = [prompts[i % len(prompts)] for i in range(cfg.sample_prompts)]
     rows = {}
-    for name, pipe, steps, w, neg in (
-        ("teacher", teacher_pipe, cfg.teacher_steps, cfg.guidance_scale, cfg.negative_prompt),
-        ("student", student_pipe, student_steps, 1.0, ""),
-    ):
-        run_pipeline(pipe, sample[:1], steps, 0, w, cfg.resolution, neg)  # warm-up
+    for name, pipe, call, w, neg in (
+        ("teacher", teacher_pipe, {"num_inference_steps": cfg.teacher_steps},
+         cfg.guidance_scale, cfg.negative_prompt),
+        ("student", student_pipe, P.pipeline_kwargs(run_dir / PIPELINE_DIR), 1.0, ""),
+    ):  # fmt: skip
+        run_pipeline(pipe, sample[:1], 0, w, cfg.resolution, neg, **call)  # warm-up
         t0 = time.perf_counter()
-        images = run_pipeline(pipe, sample, steps, 0, w, cfg.resolution, neg)
-        rows[name] = {"nfe": steps, "s": (time.perf_counter() - t0) / len(sample)}
+        images = run_pipeline(pipe, sample, 0, w, cfg.resolution, neg, **call)
+        rows[name] = {
+            "nfe": call["num_inference_steps"],
+            "s": (time.perf_counter() - t0) / len(sample),
+        }
         save_image_grid(run_dir / f"{name}_samples.png", images * 2 - 1, nrow=8, upscale=4)
     return {
         "teacher_nfe": rows["teacher"]["nfe"] * (2 if cfg.guidance_scale > 1 else 1),
