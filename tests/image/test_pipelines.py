@@ -303,3 +303,54 @@ def test_lora_needs_a_positive_rank(pipe_folder):
     pipe = P.load_pipeline(pipe_folder)
     with pytest.raises(ValueError, match="rank must be >= 1"):
         P.add_lora(getattr(pipe, P.network_name(pipe)), 0)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """Six captioned 20x24 PNGs, a broken one and one without a caption."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("images")
+    g = torch.Generator().manual_seed(0)
+    for i in range(6):
+        arr = (torch.rand(24, 20, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(PROMPTS[i % len(PROMPTS)])
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "broken.txt").write_text("a broken file")
+    Image.fromarray(arr).save(folder / "uncaptioned.png")
+    return folder
+
+
+def test_image_folder_reads_captioned_images_and_names_what_it_skips(image_dir, caplog):
+    from fewstep.image.images import read_image_folder
+
+    data = read_image_folder(image_dir, 16)
+    assert data.images.shape == (6, 3, 16, 16) and data.captions[:2] == PROMPTS[:2]
+    assert data.images.min() >= -1 and data.images.max() <= 1
+    assert len(data.skipped) == 2 and "broken.png" in data.skipped[0]
+    assert "uncaptioned.png (no uncaptioned.txt)" in data.skipped
+    assert "skipped 2 of 8 images" in caplog.text
+    with pytest.raises(ValueError, match="no usable images"):
+        read_image_folder(image_dir / "..", 16)
+
+
+def test_data_based_distillation_with_the_gan_term(pipe_folder, image_dir, tmp_path, cache_dir):
+    """Objectives that need real data (DMD2's GAN term) run on VAE latents of the images;
+    the GAN head sits on the UNet's mid block or the transformer's middle block."""
+    from fewstep.image.images import cached_latents, encode_images, read_image_folder
+
+    pipe = P.load_pipeline(pipe_folder)
+    latents, captions = cached_latents(pipe, image_dir, 16, "t")
+    assert latents.shape == (6, *P.latent_shape(pipe)) and captions[0] == PROMPTS[0]
+    want = encode_images(pipe, read_image_folder(image_dir, 16).images)
+    torch.testing.assert_close(latents, want)
+    out = tmp_path / "run"
+    args = ["distill", "image-latent", "--out", str(out), "--teacher", str(pipe_folder)]
+    args += ["--images", str(image_dir), "--objective.gan_weight", "0.1"]
+    args += ["--train.steps", "2", "--train.batch_size", "2", "--teacher-steps", "2"]
+    args += ["--sample-prompts", "2", "--train.progress", "false"]
+    assert cli.main(args) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert any("gan_critic" in r for r in log)
+    assert (out / "prompts.txt").read_text().splitlines()[0] == PROMPTS[0]

@@ -128,12 +128,16 @@ def encode_prompts(pipe, prompts: list[str], batch_size: int = 64) -> Any:
     return torch.cat(parts)
 
 
+def vae_factor(pipe) -> int:
+    """Pixels per latent along each side."""
+    return getattr(pipe, "vae_scale_factor", 2 ** (len(pipe.vae.config.block_out_channels) - 1))
+
+
 def latent_shape(pipe, resolution: int | None = None) -> tuple[int, int, int]:
     """(channels, height, width) of the latents for square images of ``resolution`` pixels
     (default: the denoiser's own ``sample_size``)."""
     net = getattr(pipe, network_name(pipe))
-    factor = getattr(pipe, "vae_scale_factor", 2 ** (len(pipe.vae.config.block_out_channels) - 1))
-    size = net.config.sample_size if resolution is None else resolution // factor
+    size = net.config.sample_size if resolution is None else resolution // vae_factor(pipe)
     return (net.config.in_channels, size, size)
 
 

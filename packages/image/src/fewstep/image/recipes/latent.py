@@ -1,6 +1,7 @@
-"""``fewstep distill image-latent --teacher PIPELINE_FOLDER --prompts FILE``: a text-to-image
-diffusers pipeline (Stable-Diffusion-style UNet, or SD3-style flow transformer) distilled in
-latent space on its own cached text embeddings, prompt-only, into a few-step student.
+"""``fewstep distill image-latent --teacher PIPELINE_FOLDER --prompts FILE`` (or ``--images
+DIR``): a text-to-image diffusers pipeline (Stable-Diffusion-style UNet, or SD3-style flow
+transformer) distilled in latent space on its own cached text embeddings, prompt-only or
+on captioned images encoded by its VAE, into a few-step student.
 
 The run folder gets ``pipeline/`` (the teacher's pipeline with the student's network and a
 stock few-step scheduler; ``DiffusionPipeline.from_pretrained`` loads it), the resolved
@@ -21,13 +22,15 @@ from fewstep.core.training import TrainConfig
 
 PIPELINE_DIR = "pipeline"  # the student as a whole pipeline (LoRA merged)
 LORA_DIR = "lora"  # LoRA students: the adapters alone, for the teacher's pipeline
+PROMPTS_FILE = "prompts.txt"  # the run's prompts (the prompt file's, or the image captions)
 
 
 @dataclass
 class LatentConfig:
     objective: str = "dmd2"  # distillation objective (see `fewstep list`)
     teacher: str = ""  # diffusers pipeline folder (with model_index.json); required
-    prompts: str = ""  # text file, one prompt per line; required
+    prompts: str = ""  # text file, one prompt per line (prompt-only distillation)
+    images: str = ""  # folder of images with same-name .txt captions (data-based distillation)
     resolution: int = 0  # image side in pixels; 0 = the denoiser's own sample size
     guidance_scale: float = 1.0  # teacher CFG scale (1 = off)
     guidance_max: float = 0.0  # > guidance_scale: each sample draws its scale in between
@@ -47,8 +50,11 @@ class LatentConfig:
 def _check(cfg: LatentConfig) -> None:
     if not cfg.teacher:
         raise ValueError("image-latent needs --teacher PATH (a diffusers pipeline folder)")
-    if not cfg.prompts:
-        raise ValueError("image-latent needs --prompts FILE (a text file, one prompt per line)")
+    if not (cfg.prompts or cfg.images):
+        raise ValueError(
+            "image-latent needs --prompts FILE (one prompt per line) or --images DIR (images "
+            "with same-name .txt captions)"
+        )
 
 
 class LatentRecipe:
@@ -68,34 +74,32 @@ class LatentRecipe:
         from fewstep.core.models import GuidedDenoiser, trainable_copy
         from fewstep.core.training import Trainer
         from fewstep.image import pipelines as P
-        from fewstep.image.prompts import PromptData, cached_embeddings, null_cond_fn, read_prompts
+        from fewstep.image.prompts import cached_embeddings, null_cond_fn
 
         _check(cfg)
         out_dir = Path(out_dir)
         device = D.setup(cfg.device).device
         pipe = P.load_pipeline(cfg.teacher, device)
-        prompts = read_prompts(cfg.prompts)
         teacher_id = str(Path(cfg.teacher).resolve())
-        cond = cached_embeddings(pipe, prompts, teacher_id)
+        data, prompts = make_data(cfg, pipe, teacher_id)
+        (out_dir / PROMPTS_FILE).parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / PROMPTS_FILE).write_text("\n".join(prompts) + "\n")
         null = cached_embeddings(pipe, [cfg.negative_prompt], teacher_id)
-        shape = P.latent_shape(pipe, cfg.resolution or None)
         teacher = GuidedDenoiser(P.teacher_denoiser(pipe), guidance(cfg), null_cond_fn(null))
         if not obj_cfg.student_times:  # train on the grid the exported scheduler samples
             times = P.student_times(pipe, obj_cfg.student_steps)
             obj_cfg = dataclasses.replace(obj_cfg, student_times=times)
         objective = make_objective(cfg.objective, teacher, obj_cfg)
-        if objective.needs_data:
+        if objective.needs_data and not cfg.images:
             raise ValueError(
-                f"{cfg.objective} needs real images; image-latent distils prompt-only so far "
-                "(choose a data-free objective, e.g. dmd2 without --objective.gan_weight)"
+                f"{cfg.objective} with these options needs real images: give --images DIR "
+                "(images with same-name .txt captions) or choose a data-free objective"
             )
         student = trainable_copy(teacher.base)
         if cfg.lora_rank:
             P.add_lora(getattr(student, P.network_name(pipe)), cfg.lora_rank, cfg.lora_alpha)
         t0 = time.perf_counter()
-        trainer = Trainer(
-            objective, student, PromptData(cond, shape), cfg.train, out_dir, device=device
-        )
+        trainer = Trainer(objective, student, data, cfg.train, out_dir, device=device)
         trainer.fit()
         distill_seconds = time.perf_counter() - t0
         if not trainer.dist.is_main:
@@ -120,7 +124,7 @@ class LatentRecipe:
 
         cfg = _load_config(run_dir)
         pipe = P.load_pipeline(Path(run_dir) / PIPELINE_DIR)
-        prompts = read_prompts(cfg["config"]["prompts"])
+        prompts = read_prompts(Path(run_dir) / PROMPTS_FILE)
         call = P.pipeline_kwargs(Path(run_dir) / PIPELINE_DIR, steps)
         cfg_prompts = [prompts[i % len(prompts)] for i in range(n)]
         images = run_pipeline(pipe, cfg_prompts, 0, 1.0, cfg["config"]["resolution"], **call)
@@ -135,7 +139,8 @@ class LatentRecipe:
         raw = _load_config(run_dir)
         cfg = from_dict(LatentConfig, raw["config"])
         pipe = P.load_pipeline(cfg.teacher)
-        return evaluate_pipelines(cfg, pipe, Path(run_dir), read_prompts(cfg.prompts))
+        prompts = read_prompts(Path(run_dir) / PROMPTS_FILE)
+        return evaluate_pipelines(cfg, pipe, Path(run_dir), prompts)
 
     def report(self, run_dir: Path) -> Path:
         import json
@@ -155,6 +160,24 @@ class LatentRecipe:
         rep.add_image("Teacher samples", run_dir / "teacher_samples.png")
         rep.add_image("Student samples", run_dir / "student_samples.png")
         return rep.write()
+
+
+def make_data(cfg: LatentConfig, pipe, teacher_id: str):
+    """(data source, prompts for the report): image latents with their captions' embeddings
+    when ``images`` is set (captions are the report's prompts unless ``prompts`` is set),
+    else prompt-only batches over the prompt file."""
+    from fewstep.image import pipelines as P
+    from fewstep.image.images import PairedData, cached_latents
+    from fewstep.image.prompts import PromptData, cached_embeddings, read_prompts
+
+    prompts = read_prompts(cfg.prompts) if cfg.prompts else []
+    shape = P.latent_shape(pipe, cfg.resolution or None)
+    if not cfg.images:
+        return PromptData(cached_embeddings(pipe, prompts, teacher_id), shape), prompts
+    pixels = cfg.resolution or shape[-1] * P.vae_factor(pipe)
+    latents, captions = cached_latents(pipe, cfg.images, pixels, teacher_id)
+    data = PairedData(latents, cached_embeddings(pipe, captions, teacher_id))
+    return data, prompts or captions
 
 
 def guidance(cfg: LatentConfig) -> float | tuple[float, float]:
