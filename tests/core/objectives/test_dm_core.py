@@ -552,3 +552,29 @@ def test_gan_critic_loss_one_pass_equals_separate_real_and_fake_passes():
     # the real half must carry the minus sign: swapping the halves changes the loss
     swapped = nn.functional.softplus(lr).mean() + nn.functional.softplus(-lf).mean()
     assert abs(float(loss.detach() - swapped.detach())) > 1e-4
+
+
+def test_dmd2_lora_fake_score_starts_as_the_teacher_and_trains_adapters_only(rf_teacher):
+    obj = dmd2_mod.DMD2(rf_teacher, dmd2_mod.DMD2Config(fake_lora_rank=4))
+    rng = StepRNG(0, 0, 0, 8, 0, 8)
+    batch = Batch(x=None, cond=None, rng=rng, extras={"sample_shape": (2,)})
+    roles = obj.build_roles(trainable_copy(rf_teacher), batch)
+    score = roles["fake_score"]["score"]
+    trainable = {n for n, p in score.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    frozen = {n: p.detach().clone() for n, p in score.named_parameters() if n not in trainable}
+    x, t = torch.randn(8, 2, generator=torch.Generator().manual_seed(0)), torch.full((8,), 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(score(x, t), rf_teacher(x, t))  # B = 0: the teacher
+    opt = torch.optim.Adam([p for p in score.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        b = Batch(x=None, cond=None, rng=StepRNG(0, step, 0, 8, 0, 8), extras=batch.extras)
+        losses, _ = obj.losses(roles, b, ["fake_score"], step)
+        opt.zero_grad()
+        losses["fake_score"].backward()
+        opt.step()
+    with torch.no_grad():
+        assert float((score(x, t) - rf_teacher(x, t)).abs().max()) > 1e-4  # the adapters moved
+    for n, p in score.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n  # the teacher's weights did not

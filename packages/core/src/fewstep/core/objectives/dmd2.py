@@ -49,6 +49,8 @@ class DMD2Config(ObjectiveConfig):
     gan_t_range: tuple[float, ...] = ()  # GAN times as path fractions; () = t_range (paper)
     gan_head_lr_scale: float = 1.0  # the freshly initialised head's lr / the fake score's lr
     backward_simulation: bool = True  # multi-step: train on the student's own rollouts
+    fake_lora_rank: int = 0  # > 0: the fake score is the frozen teacher + LoRA (peft) adapters
+    fake_lora_targets: tuple[str, ...] = ()  # layers to adapt (names or suffixes); () = all
 
 
 class GANHead(nn.Module):
@@ -134,7 +136,14 @@ class DMD2(Objective):
         return sample_times(self.path, batch, self.config.gan_t_range or self.config.t_range)
 
     def build_roles(self, student: Denoiser, example: Batch) -> dict[str, nn.Module]:
-        score = trainable_copy(unguided(self.teacher))
+        cfg = self.config
+        if cfg.fake_lora_rank > 0:  # memory: a LoRA critic, as VSD's (ProlificDreamer)
+            from fewstep.core.objectives.vsd import lora_critic
+
+            rank, targets = cfg.fake_lora_rank, cfg.fake_lora_targets
+            score = lora_critic(unguided(self.teacher), rank, float(rank), targets)
+        else:
+            score = trainable_copy(unguided(self.teacher))
         critic = nn.ModuleDict({"score": score})
         if self.config.gan_weight > 0:
             x = torch.zeros(1, *sample_shape(example), device=example.rng.device)
