@@ -1,5 +1,5 @@
 """Benchmark: diffusers pipelines, teacher at 25/50 NFE vs exported student at 1/2/4 NFE,
-and the memory of one DMD2 training step with a full vs a LoRA student.
+and the memory of DMD2 training steps with full vs LoRA students and critics.
 
     uv run --package fewstep-image python benchmarks/image_pipelines.py [--width 4] [--size 16]
 
@@ -69,7 +69,7 @@ def speed(kind: str, root: Path, args) -> list[dict]:
     return rows
 
 
-def memory_child(kind: str, folder: str, lora: int, steps: int, batch: int) -> dict:
+def memory_child(kind: str, folder: str, lora: int, critic_lora: int, steps: int, batch: int):
     """One configuration, run in its own process: a few DMD2 steps; peak memory."""
     from fewstep.core.models import GuidedDenoiser, trainable_copy
     from fewstep.core.objectives import get_objective
@@ -86,7 +86,10 @@ def memory_child(kind: str, folder: str, lora: int, steps: int, batch: int) -> d
     if lora:
         P.add_lora(getattr(student, P.network_name(pipe)), lora)
     cls = get_objective("dmd2")
-    obj = cls(teacher, cls.config_cls(fake_updates_per_student=1))
+    obj_cfg = cls.config_cls(
+        fake_updates_per_student=1, fake_lora_rank=critic_lora, fake_lora_targets=P.LORA_TARGETS
+    )
+    obj = cls(teacher, obj_cfg)
     cfg = TrainConfig(steps=steps, batch_size=batch, ema_decay=0.0, progress=False, resume=False)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device == "cuda":
@@ -99,6 +102,7 @@ def memory_child(kind: str, folder: str, lora: int, steps: int, batch: int) -> d
     return {
         "pipeline": kind,
         "student": f"LoRA r{lora}" if lora else "full",
+        "critic": f"LoRA r{critic_lora}" if critic_lora else "full",
         "trainable_student": params["student"],
         "trainable_critic": params["fake_score"],
         # fp32 weights' gradients + Adam's two moments, per trainable parameter
@@ -110,8 +114,10 @@ def memory_child(kind: str, folder: str, lora: int, steps: int, batch: int) -> d
 
 def memory(kind: str, root: Path, args) -> list[dict]:
     rows = []
-    for lora in (0, args.lora_rank):
+    r = args.lora_rank
+    for lora, critic_lora in ((0, 0), (r, 0), (r, r)):
         cmd = [sys.executable, __file__, "--child", kind, str(root / kind), str(lora)]
+        cmd += [str(critic_lora)]
         cmd += ["--batch", str(args.batch)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
@@ -138,13 +144,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        kind, folder, lora = args.child
-        print(json.dumps(memory_child(kind, folder, int(lora), steps=3, batch=args.batch)))
+        kind, folder, lora, critic = args.child
+        row = memory_child(kind, folder, int(lora), int(critic), steps=3, batch=args.batch)
+        print(json.dumps(row))
         return
     root = Path(tempfile.mkdtemp(prefix="fewstep-bench-pipelines-"))
     speed_rows, memory_rows = [], []
@@ -164,7 +171,7 @@ def main() -> None:
     print(table(speed_rows, ["pipeline", "model", "steps", "nfe", "s_per_image",
                              "speedup_vs_teacher50"]))  # fmt: skip
     print()
-    mem_keys = ["pipeline", "student", "trainable_student", "trainable_critic"]
+    mem_keys = ["pipeline", "student", "critic", "trainable_student", "trainable_critic"]
     print(table(memory_rows, [*mem_keys, "grad_adam_mib", "peak_rss_growth_mib", "cuda_peak_mib"]))
 
 

@@ -149,16 +149,20 @@ def test_prompt_embeddings_are_cached(pipe_folder, cache_dir):
     assert len(files() - before) == 1
 
 
+def run_latent(out, teacher, *options: str):
+    """`fewstep distill image-latent` for 4 steps of batch 2, with ``options``."""
+    args = ["distill", "image-latent", "--out", str(out), "--teacher", str(teacher)]
+    args += ["--train.steps", "4", "--train.batch_size", "2", "--teacher-steps", "2"]
+    assert cli.main([*args, "--sample-prompts", "2", "--train.progress", "false", *options]) == 0
+    return out
+
+
 @pytest.fixture(scope="module")
 def latent_run(pipe_folder, prompt_file, tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("run") / "latent"
-    args = ["distill", "image-latent", "--out", str(out), "--teacher", str(pipe_folder)]
-    args += ["--prompts", str(prompt_file), "--train.steps", "4", "--train.batch_size", "2"]
-    args += ["--teacher-steps", "2", "--sample-prompts", "2", "--train.progress", "false"]
     # the fake score starts as the teacher, so the first student update is zero: two more
-    args += ["--objective.fake_updates_per_student", "1"]
-    assert cli.main(args) == 0
-    return out
+    fake = ["--objective.fake_updates_per_student", "1"]
+    return run_latent(out, pipe_folder, "--prompts", str(prompt_file), *fake)
 
 
 def test_distilled_student_exports_as_a_diffusers_pipeline(latent_run, pipe_folder):
@@ -219,13 +223,10 @@ def test_latent_recipe_bad_input_is_a_clear_error(capsys, pipe_folder, prompt_fi
 @pytest.fixture(scope="module")
 def lora_run(pipe_folder, prompt_file, tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("run") / "lora"
-    args = ["distill", "image-latent", "--out", str(out), "--teacher", str(pipe_folder)]
-    args += ["--prompts", str(prompt_file), "--train.steps", "4", "--train.batch_size", "2"]
-    args += ["--teacher-steps", "2", "--sample-prompts", "2", "--train.progress", "false"]
-    args += ["--objective.fake_updates_per_student", "1", "--lora-rank", "4"]
+    args = ["--prompts", str(prompt_file), "--objective.fake_updates_per_student", "1"]
+    args += ["--lora-rank", "4", "--objective.fake_lora_rank", "4"]  # a LoRA fake score too
     args += ["--train.lr", "1e-3", "--guidance-scale", "1.5", "--guidance-max", "3"]
-    assert cli.main(args) == 0
-    return out
+    return run_latent(out, pipe_folder, *args)
 
 
 def test_lora_student_trains_adapters_only_and_exports_merged_and_adapter_only(
@@ -257,8 +258,10 @@ def test_lora_student_trains_adapters_only_and_exports_merged_and_adapter_only(
         via_adapter = P.teacher_denoiser(teacher)(x, t, cond)
         via_merged = P.teacher_denoiser(merged)(x, t, cond)
     torch.testing.assert_close(via_adapter, via_merged, rtol=1e-4, atol=1e-5)
-    cfg = json.loads((lora_run / "config.json").read_text())["config"]
+    run_cfg = json.loads((lora_run / "config.json").read_text())
+    cfg, obj_cfg = run_cfg["config"], run_cfg["objective_config"]
     assert cfg["lora_rank"] == 4 and cfg["guidance_max"] == 3.0
+    assert obj_cfg["fake_lora_rank"] == 4 and obj_cfg["fake_lora_targets"] == list(P.LORA_TARGETS)
     assert json.loads((lora_run / "metrics.json").read_text())["teacher_nfe"] == 4  # CFG: 2/step
 
 
@@ -341,16 +344,13 @@ def test_data_based_distillation_with_the_gan_term(pipe_folder, image_dir, tmp_p
     from fewstep.image.images import cached_latents, encode_images, read_image_folder
 
     pipe = P.load_pipeline(pipe_folder)
-    latents, captions = cached_latents(pipe, image_dir, 16, "t")
+    latents, captions = cached_latents(pipe, image_dir, 16, str(pipe_folder))
     assert latents.shape == (6, *P.latent_shape(pipe)) and captions[0] == PROMPTS[0]
     want = encode_images(pipe, read_image_folder(image_dir, 16).images)
     torch.testing.assert_close(latents, want)
-    out = tmp_path / "run"
-    args = ["distill", "image-latent", "--out", str(out), "--teacher", str(pipe_folder)]
-    args += ["--images", str(image_dir), "--objective.gan_weight", "0.1"]
-    args += ["--train.steps", "2", "--train.batch_size", "2", "--teacher-steps", "2"]
-    args += ["--sample-prompts", "2", "--train.progress", "false"]
-    assert cli.main(args) == 0
+    out = run_latent(
+        tmp_path / "run", pipe_folder, "--images", str(image_dir), "--objective.gan_weight", "0.1"
+    )
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert any("gan_critic" in r for r in log)
     assert (out / "prompts.txt").read_text().splitlines()[0] == PROMPTS[0]

@@ -63,7 +63,11 @@ class LatentRecipe:
     config_cls = LatentConfig
 
     def objective_defaults(self, objective: str) -> dict[str, Any]:
-        return {}
+        from fewstep.image.pipelines import LORA_TARGETS
+
+        # a LoRA fake score (--objective.fake_lora_rank) adapts the attention projections,
+        # as the LoRA student does
+        return {"dmd2": {"fake_lora_targets": LORA_TARGETS}}.get(objective, {})
 
     def config_defaults(self, objective: str) -> dict[str, str]:
         return {"dmd2": {"train.betas": "0.0,0.99"}}.get(objective, {})  # as on digits
