@@ -209,6 +209,15 @@ def test_distilled_student_exports_as_a_diffusers_pipeline(latent_run, pipe_fold
     torch.testing.assert_close(one_step(pipe), want, rtol=1e-4, atol=1e-4)
 
 
+def test_sample_eval_report_commands_on_a_latent_run(latent_run):
+    out = latent_run / "s.png"
+    assert cli.main(["sample", str(latent_run), "--n", "3", "--out", str(out)]) == 0
+    assert out.exists()
+    assert cli.main(["eval", str(latent_run)]) == 0
+    assert cli.main(["report", str(latent_run)]) == 0
+    assert "Student samples" in (latent_run / "report.html").read_text()
+
+
 def test_latent_recipe_bad_input_is_a_clear_error(capsys, pipe_folder, prompt_file, tmp_path):
     assert cli.main(["distill", "image-latent", "--train.steps", "1"]) == 2
     assert "--teacher PATH" in capsys.readouterr().err
