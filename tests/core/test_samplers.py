@@ -102,6 +102,23 @@ def test_euler_converges_with_steps():
     assert errs[1] / errs[2] == pytest.approx(4.0, rel=0.3)
 
 
+@pytest.mark.parametrize("name", ["rectified_flow", "vp_discrete"])
+def test_x0_trajectory_runs_from_the_first_prediction_to_the_sample(name):
+    path = make_path(name)
+    den = GaussianDenoiser(path)
+    noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    sampler = EulerSampler(steps=6)
+    traj = sampler.x0_trajectory(den, noise)
+    assert len(traj) == 6
+    t0 = path.timesteps(6)[0]
+    torch.testing.assert_close(traj[0], den.predict(path.prior(noise), t0, kind="x0"))
+    torch.testing.assert_close(traj[-1], sampler.sample(den, noise).x)  # last jump lands on it
+    # the prediction sharpens along the way: from the prior's blur towards the data spread
+    assert float(traj[0].std()) < float(traj[-1].std())
+    with pytest.raises(NotImplementedError, match="EulerSampler"):
+        HeunSampler(steps=3).x0_trajectory(den, noise)
+
+
 def test_heun_beats_euler_on_rectified_flow():
     path = make_path("rectified_flow")
     z = _noise()

@@ -58,12 +58,25 @@ class EulerSampler(Sampler):
 
     @torch.no_grad()
     def sample(self, denoiser, noise, cond=None):
+        return self._run(denoiser, noise, cond, [])
+
+    @torch.no_grad()
+    def x0_trajectory(self, denoiser, noise, cond=None) -> list[Tensor]:
+        """The x0 prediction at every step, from noise to data: what the denoiser takes the
+        clean sample to be along its own trajectory (the "diffusion target" that shows
+        where layout, then detail, is decided)."""
+        record: list[Tensor] = []
+        self._run(denoiser, noise, cond, record)
+        return record
+
+    def _run(self, denoiser, noise, cond, record: list[Tensor]) -> Sample:
         path = denoiser.path
         grid = self.grid(path)
         x = path.prior(noise)
         nfe = 0
         for t, t_next in zip(grid[:-1], grid[1:], strict=True):
             x0, eps = denoiser.x0_eps(x, _batch_t(t, x), cond)
+            record.append(x0)
             nfe += denoiser.evals_per_call
             x = _step_to(path, x0, eps, None if t_next is None else _batch_t(t_next, x))
         return Sample(x, nfe)
@@ -74,6 +87,9 @@ class HeunSampler(EulerSampler):
     (Karras et al. 2022, alg. 1); the last step to clean data is first order."""
 
     name = "heun"
+
+    def x0_trajectory(self, denoiser, noise, cond=None) -> list[Tensor]:
+        raise NotImplementedError("x0_trajectory follows Euler (DDIM) steps; use EulerSampler")
 
     @torch.no_grad()
     def sample(self, denoiser, noise, cond=None):

@@ -141,6 +141,16 @@ def latent_shape(pipe, resolution: int | None = None) -> tuple[int, int, int]:
     return (net.config.in_channels, size, size)
 
 
+@torch.no_grad()
+def decode(pipe, latents: Tensor) -> Tensor:
+    """Images in [-1, 1] from latents as the denoiser sees them (inverse of the VAE's shift
+    and scale)."""
+    vae = pipe.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    z = latents.to(pipe.device, vae.dtype) / vae.config.scaling_factor + shift
+    return vae.decode(z).sample.float().clamp(-1, 1).cpu()
+
+
 # --- LoRA --------------------------------------------------------------------------------
 # attention projections, the default of diffusers' LoRA training scripts and of LCM-LoRA
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")

@@ -163,6 +163,11 @@ class LatentRecipe:
         )
         rep.add_image("Teacher samples", run_dir / "teacher_samples.png")
         rep.add_image("Student samples", run_dir / "student_samples.png")
+        rep.add_image(
+            "Teacher's x0 prediction along its trajectory",
+            run_dir / "teacher_x0_trajectory.png",
+            "rows: prompts; columns: steps from noise (left) to data (right)",
+        )
         return rep.write()
 
 
@@ -189,6 +194,26 @@ def guidance(cfg: LatentConfig) -> float | tuple[float, float]:
     if cfg.guidance_max > cfg.guidance_scale:
         return (cfg.guidance_scale, cfg.guidance_max)
     return cfg.guidance_scale
+
+
+def x0_trajectory(cfg: LatentConfig, pipe, prompts: list[str], out: Path, columns: int = 8):
+    """The teacher's x0 prediction along its own (DDIM / Euler) trajectory, decoded: one row
+    per prompt, ``columns`` steps from noise to data (the "diffusion target")."""
+    from fewstep.core.models import GuidedDenoiser
+    from fewstep.core.report import save_image_grid
+    from fewstep.core.samplers import EulerSampler
+    from fewstep.image import pipelines as P
+    from fewstep.image.prompts import null_cond_fn
+
+    null = P.encode_prompts(pipe, [cfg.negative_prompt])
+    teacher = GuidedDenoiser(P.teacher_denoiser(pipe), guidance(cfg), null_cond_fn(null))
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(len(prompts), *P.latent_shape(pipe, cfg.resolution or None), generator=g)
+    cond = P.encode_prompts(pipe, prompts)
+    traj = EulerSampler(cfg.teacher_steps).x0_trajectory(teacher, noise.to(pipe.device), cond)
+    keep = sorted({round(i * (len(traj) - 1) / max(columns - 1, 1)) for i in range(columns)})
+    grid = torch.stack([P.decode(pipe, traj[i]) for i in keep], dim=1)  # (prompts, steps, ...)
+    return save_image_grid(out, grid.flatten(0, 1), nrow=len(keep), upscale=4)
 
 
 def _load_config(run_dir: Path) -> dict:
@@ -245,6 +270,7 @@ def evaluate_pipelines(cfg, teacher_pipe, run_dir: Path, prompts) -> dict:
             "s": (time.perf_counter() - t0) / len(sample),
         }
         save_image_grid(run_dir / f"{name}_samples.png", images * 2 - 1, nrow=8, upscale=4)
+    x0_trajectory(cfg, teacher_pipe, sample[:2], run_dir / "teacher_x0_trajectory.png")
     return {
         "teacher_nfe": rows["teacher"]["nfe"] * (2 if cfg.guidance_scale > 1 else 1),
         "student_nfe": rows["student"]["nfe"],
