@@ -87,3 +87,14 @@ def cond_to(cond: Any, device: torch.device | str) -> Any:
     if isinstance(cond, dict):
         return {k: cond_to(v, device) for k, v in cond.items()}
     return cond
+
+
+def index_cond(cond: Any, idx: Tensor) -> Any:
+    """Rows ``idx`` of a condition: a tensor, a (nested) dict of tensors, or None."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: index_cond(v, idx) for k, v in cond.items()}
+    if isinstance(cond, Tensor):
+        return cond[idx.to(cond.device)]
+    raise TypeError(f"cannot index a condition of type {type(cond).__name__}; expected tensors")

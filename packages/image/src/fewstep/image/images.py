@@ -125,7 +125,7 @@ class PairedData:
         return tuple(self.x.shape[1:])
 
     def __call__(self, rng):
-        from fewstep.image.prompts import index_cond
+        from fewstep.core.batch import index_cond
 
         idx = rng.randint(0, len(self.x)).cpu()
         return self.x[idx], index_cond(self.cond, idx)

@@ -11,6 +11,8 @@ from typing import Any
 
 from torch import Tensor
 
+from fewstep.core.batch import index_cond
+
 
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt per line; blank lines and lines starting with ``#`` are skipped."""
@@ -22,13 +24,6 @@ def read_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise ValueError(f"prompt file {p} has no prompts (one per line; '#' starts a comment)")
     return prompts
-
-
-def index_cond(cond: Any, idx: Tensor) -> Any:
-    """Rows ``idx`` of a condition: a tensor or a (nested) dict of tensors."""
-    if isinstance(cond, dict):
-        return {k: index_cond(v, idx) for k, v in cond.items()}
-    return cond[idx.to(cond.device)]
 
 
 def expand_cond(cond: Any, n: int) -> Any:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewstep.core.batch import Batch
+from fewstep.core.batch import Batch, index_cond
 from fewstep.core.models import Denoiser, _batch_t, trainable_copy
 from fewstep.core.objectives.base import Objective, ObjectiveConfig
 from fewstep.core.objectives.common import (
@@ -86,16 +86,6 @@ class PairSet(nn.Module):
         return self.noise[idx], self.target[idx], cond
 
 
-def _index_cond(cond: Any, idx: Tensor) -> Any:
-    if cond is None:
-        return None
-    if isinstance(cond, dict):
-        return {k: _index_cond(v, idx) for k, v in cond.items()}
-    if isinstance(cond, Tensor):
-        return cond[idx.to(cond.device)]
-    raise TypeError(f"DMD pairs need tensor (or dict of tensor) conditions, got {type(cond)}")
-
-
 def regression_loss(pred: Tensor, target: Tensor, metric: str, huber_c: float) -> Tensor:
     """DMD eq. 9's distance with l2 (mean squared error) or pseudo-Huber in place of LPIPS."""
     if metric == "l2":
@@ -132,7 +122,7 @@ class DMD(Objective):
         cond = None
         if example.cond is not None:
             idx = torch.randint(0, example.size, (cfg.num_pairs,), generator=gen)
-            cond = _index_cond(example.cond, idx)
+            cond = index_cond(example.cond, idx)
         sampler = (EulerSampler if cfg.pair_solver == "euler" else HeunSampler)(cfg.pair_steps)
         target = sampler.sample(self.teacher, noise, cond).x
         return PairSet(noise, target, cond)

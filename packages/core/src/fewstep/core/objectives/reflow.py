@@ -51,7 +51,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from fewstep.core.batch import Batch
+from fewstep.core.batch import Batch, index_cond
 from fewstep.core.models import Denoiser
 from fewstep.core.objectives.base import Objective, ObjectiveConfig
 from fewstep.core.objectives.common import (
@@ -124,17 +124,6 @@ def per_sample(d: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------- pairs and samplers
-
-
-def index_cond(cond: Any, idx: Tensor) -> Any:
-    """Rows ``idx`` of a batched condition (tensor or dict of tensors), or None."""
-    if cond is None:
-        return None
-    if isinstance(cond, dict):
-        return {k: index_cond(v, idx) for k, v in cond.items()}
-    if isinstance(cond, Tensor):
-        return cond[idx.to(cond.device)]
-    raise TypeError(f"cannot index conditions of type {type(cond).__name__}; expected Tensor")
 
 
 def ode_solution(
