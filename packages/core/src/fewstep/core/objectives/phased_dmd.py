@@ -53,7 +53,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from fewstep.core.batch import Batch
+from fewstep.core.batch import Batch, index_cond
 from fewstep.core.models import Denoiser, _batch_t, trainable_copy
 from fewstep.core.objectives.common import sample_shape, sample_times, step_fractions, unguided
 from fewstep.core.objectives.dmd2 import DMD2, DMD2Config, dmd_loss
@@ -64,17 +64,6 @@ Route = Literal["time", "label"]
 
 
 # ------------------------------------------------------------------------ routing denoiser
-
-
-def take(cond: Any, idx: Tensor) -> Any:
-    """Rows ``idx`` of a batched condition (tensor or dict of tensors, None passes)."""
-    if cond is None:
-        return None
-    if isinstance(cond, dict):
-        return {k: take(v, idx) for k, v in cond.items()}
-    if isinstance(cond, Tensor):
-        return cond[idx]
-    raise TypeError(f"cannot route conditions of type {type(cond).__name__}; expected a Tensor")
 
 
 class RoutedDenoiser(Denoiser):
@@ -163,7 +152,7 @@ class RoutedDenoiser(Denoiser):
             rows = (idx == k).nonzero().squeeze(1)
             if rows.numel() == 0:
                 continue
-            y = call(k)(x_t[rows], t[rows], take(cond, rows))
+            y = call(k)(x_t[rows], t[rows], index_cond(cond, rows))
             if out is None:
                 out = y.new_zeros((x_t.shape[0], *y.shape[1:]))
             out = out.index_copy(0, rows, y)
