@@ -110,6 +110,21 @@ def test_recipe_config_defaults_apply_per_objective_and_yield_to_the_user():
     assert cfg.train.betas == TrainConfig().betas and cfg.train.lr == TrainConfig().lr
 
 
+def test_recipe_without_objective_field_gets_no_objective_config():
+    @dataclass
+    class Cfg:
+        ipc: int = 10  # a dataset-distillation knob: the method is the recipe
+        train: TrainConfig = field(default_factory=TrainConfig)  # loop
+
+    class Recipe:
+        config_cls = Cfg
+
+    cfg, obj = cli.resolve(Recipe(), {"ipc": "50"})
+    assert cfg.ipc == 50 and obj is None
+    with pytest.raises(KeyError, match="ipc"):
+        cli.resolve(Recipe(), {"objective": "dmd2"})
+
+
 def test_unknown_recipe_is_an_error_listing_valid(capsys):
     assert cli.main(["distill", "no-such-recipe"]) == 2
     err = capsys.readouterr().err

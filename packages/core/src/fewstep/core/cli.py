@@ -44,9 +44,17 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 
 def resolve(recipe, overrides: dict[str, str]):
-    """(recipe config, objective config) with overrides applied; errors list valid keys."""
+    """(recipe config, objective config) with overrides applied; errors list valid keys.
+
+    A recipe whose config has no ``objective`` field (dataset distillation, where the method
+    is the recipe) gets ``None`` as its objective config."""
+    import dataclasses
+
     from fewstep.core.config import apply_overrides
     from fewstep.core.objectives import get_objective
+
+    if "objective" not in {f.name for f in dataclasses.fields(recipe.config_cls)}:
+        return apply_overrides(recipe.config_cls(), overrides), None
 
     obj_over = {
         k[len("objective.") :]: v for k, v in overrides.items() if k.startswith("objective.")
@@ -64,8 +72,6 @@ def resolve(recipe, overrides: dict[str, str]):
             f"recipe {recipe.name} does not support objective {cfg.objective!r}: "
             f"{why}; supported: {', '.join(supported)}"
         )
-    import dataclasses
-
     base = dataclasses.replace(obj_cls.config_cls(), **recipe.objective_defaults(cfg.objective))
     return cfg, apply_overrides(base, obj_over)
 
@@ -117,7 +123,7 @@ def _dispatch(args, rest: list[str], prefix: str) -> int:
         resolved = {
             "recipe": args.recipe,
             "config": to_dict(cfg),
-            "objective_config": to_dict(obj_cfg),
+            "objective_config": None if obj_cfg is None else to_dict(obj_cfg),
         }
         if args.show_config:
             print(json.dumps(resolved, indent=2))
