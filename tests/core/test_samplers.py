@@ -15,6 +15,7 @@ from fewstep.core.models import Denoiser, GuidedDenoiser, ModuleDenoiser
 from fewstep.core.paths import make_path
 from fewstep.core.samplers import (
     SAMPLERS,
+    DDPMSampler,
     DiffusersSampler,
     EulerSampler,
     FewStepSampler,
@@ -333,3 +334,35 @@ def test_make_sampler():
         make_sampler("dpm++")
     for name in SAMPLERS:
         assert name in str(err.value)
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_ddpm_sampler_matches_diffusers_ddpm_scheduler(clip):
+    """Ancestral DDPM on diffusion_policy's settings (100-step squaredcos_cap_v2 table, eps
+    prediction, clip_sample on or off) equals diffusers' DDPMScheduler step for step when
+    both draw their noise from generators with the same seed and start from the same x."""
+    diffusers = pytest.importorskip("diffusers")
+    path = make_path("vp_discrete", schedule="squaredcos_cap_v2", num_train_timesteps=100)
+    den = GaussianDenoiser(path, mu=0.2, std=0.3)  # inside the clip range
+    sch = diffusers.DDPMScheduler(
+        num_train_timesteps=100,
+        beta_schedule="squaredcos_cap_v2",
+        clip_sample=clip is not None,
+        prediction_type="epsilon",
+        variance_type="fixed_small",
+    )
+    z = torch.randn(512, 2, generator=torch.Generator().manual_seed(0))
+    s_max = float(path.sigma(torch.tensor(path.t_max)))
+    ours = DDPMSampler(100, clip_x0=clip, generator=torch.Generator().manual_seed(1))
+    out = ours.sample(den, z / s_max)  # our prior is sigma(t_max) * noise: start at z exactly
+    assert out.nfe == 100
+    g = torch.Generator().manual_seed(1)
+    x = z.clone()
+    sch.set_timesteps(100)
+    for ts in sch.timesteps:
+        eps = den.predict(x, ts.float().expand(len(x)), kind="eps")
+        x = sch.step(eps, ts, x, generator=g).prev_sample
+    torch.testing.assert_close(out.x, x, rtol=1e-4, atol=1e-4)
+    # and it samples the data distribution (the denoiser is exact)
+    m, s = _stats(out.x)
+    assert abs(m - 0.2) < 0.03 and abs(s - 0.3) < 0.03

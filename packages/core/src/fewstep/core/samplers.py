@@ -113,6 +113,67 @@ class HeunSampler(EulerSampler):
         return Sample(x, nfe)
 
 
+class DDPMSampler(EulerSampler):
+    """Ancestral sampling: from x_t draw x_s from the DDPM posterior q(x_s | x_t, x0_hat) at
+    each consecutive pair of grid times (Ho et al. 2020, eqs. 6-7, written for a general jump
+    t -> s of any VP path: a_ts = a_t / a_s, v_ts = s_t^2 - a_ts^2 s_s^2, mean =
+    (a_ts s_s^2 x_t + a_s v_ts x0_hat) / s_t^2, variance v_ts s_s^2 / s_t^2). On a discrete
+    path with the full grid this is diffusers' DDPMScheduler with ``fixed_small`` variance.
+    ``clip_x0`` clamps x0_hat to [-clip_x0, clip_x0] first (diffusers' ``clip_sample``, which
+    diffusion_policy relies on: at the last steps of a cosine table alpha is ~1e-2 and an eps
+    error is amplified 100-fold)."""
+
+    name = "ddpm"
+
+    def __init__(
+        self,
+        steps: int = 100,
+        times: Sequence[float] | None = None,
+        clip_x0: float | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__(steps, times)
+        self.clip_x0 = clip_x0
+        self.generator = generator
+
+    def x0_trajectory(self, denoiser, noise, cond=None) -> list[Tensor]:
+        raise NotImplementedError("x0_trajectory follows Euler (DDIM) steps; use EulerSampler")
+
+    @torch.no_grad()
+    def sample(self, denoiser, noise, cond=None):
+        path = denoiser.path
+        grid = self.grid(path)
+        x = path.prior(noise)
+        nfe = 0
+        for t, t_next in zip(grid[:-1], grid[1:], strict=True):
+            tb = _batch_t(t, x)
+            x0, _ = denoiser.x0_eps(x, tb, cond)
+            nfe += denoiser.evals_per_call
+            if self.clip_x0 is not None:
+                x0 = x0.clamp(-self.clip_x0, self.clip_x0)
+            if t_next is None:
+                x = x0
+                continue
+            mean, std = ddpm_posterior(
+                *path.coeffs(tb, x), *path.coeffs(_batch_t(t_next, x), x), x, x0
+            )
+            z = torch.randn(x.shape, generator=self.generator, dtype=x.dtype).to(x.device)
+            x = mean + std * z
+        return Sample(x, nfe)
+
+
+def ddpm_posterior(
+    a_t: Tensor, s_t: Tensor, a_s: Tensor, s_s: Tensor, x_t: Tensor, x0: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Mean and std of q(x_s | x_t, x0) for s < t on a VP path with coefficients (a, s)
+    broadcastable against x (Ho et al. 2020, eqs. 6-7, for a general jump; s_s = 0 gives
+    x0). Per-element coefficients allow a different noise level at every position."""
+    a_ts = a_t / a_s
+    v_ts = s_t**2 - a_ts**2 * s_s**2
+    mean = (a_ts * s_s**2 * x_t + a_s * v_ts * x0) / s_t**2
+    return mean, (v_ts * s_s**2 / s_t**2).clamp(min=0).sqrt()
+
+
 class DiffusersSampler(Sampler):
     """Runs any diffusers scheduler (DDPM, DDIM, Euler, DPM-Solver, LCM, FlowMatchEuler, ...)
     over a fewstep denoiser: converts the denoiser's prediction into the scheduler's
@@ -262,6 +323,7 @@ class FlowMapSampler(Sampler):
 SAMPLERS: dict[str, type[Sampler]] = {
     "euler": EulerSampler,
     "heun": HeunSampler,
+    "ddpm": DDPMSampler,
     "few-step": FewStepSampler,
     "flow-map": FlowMapSampler,
 }

@@ -1,0 +1,1 @@
+"""Recipes of fewstep-dataset-distill, registered as ``data-<method>`` entry points."""

@@ -1,0 +1,1 @@
+"""Recipes of fewstep-policy, registered as ``policy-<method>`` entry points."""
