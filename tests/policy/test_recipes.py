@@ -16,7 +16,8 @@ from fewstep.policy.policy import ChunkPolicy
 TINY = [
     "--teacher.demos", "8", "--teacher.steps", "20", "--teacher.batch-size", "64",
     "--teacher.unet.down-dims", "16,32", "--teacher.unet.time-embed-dim", "16",
-    "--teacher.train-timesteps", "20", "--teacher.sample-steps", "20", "--train.steps", "4", "--train.batch-size", "32",
+    "--teacher.train-timesteps", "20", "--teacher.sample-steps", "20",
+    "--train.steps", "4", "--train.batch-size", "32",
     "--eval.episodes", "3", "--eval.max-steps", "12", "--eval.latency-plans", "1",
     "--train.progress", "false",
 ]  # fmt: skip

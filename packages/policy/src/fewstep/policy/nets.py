@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 @dataclass
 class UnetConfig:
-    down_dims: tuple[int, ...] = (64, 128)  # channels per resolution (DP uses 256, 512, 1024)
-    time_embed_dim: int = 64  # sinusoidal embedding width of one position's noise level
+    down_dims: tuple[int, ...] = (32, 64)  # channels per resolution (DP uses 256, 512, 1024)
+    time_embed_dim: int = 32  # sinusoidal embedding width of one position's noise level
     kernel_size: int = 5  # temporal convolution width
     groups: int = 8  # GroupNorm groups
 

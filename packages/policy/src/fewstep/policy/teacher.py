@@ -36,8 +36,8 @@ class TeacherConfig:
     demos: int = 200  # scripted-expert demonstrations it learns from
     demo_seed: int = 0  # env seeds demo_seed .. demo_seed + demos - 1
     unet: UnetConfig = field(default_factory=UnetConfig)  # network
-    steps: int = 4000  # training steps
-    batch_size: int = 256  # training batch
+    steps: int = 3000  # training steps (~3 min on one CPU core)
+    batch_size: int = 64  # training batch
     lr: float = 1e-3  # AdamW learning rate
     seed: int = 0  # training seed
     train_timesteps: int = 100  # DDPM table length (diffusion_policy: 100)

@@ -42,7 +42,7 @@ class EvalConfig:
 
 
 def _train(**kw) -> TrainConfig:
-    base = dict(steps=2000, batch_size=256, lr=1e-4, ema_decay=0.99, log_every=50)
+    base = dict(steps=1000, batch_size=64, lr=1e-4, ema_decay=0.99, log_every=50)
     return TrainConfig(**{**base, **kw})
 
 

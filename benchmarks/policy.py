@@ -1,0 +1,93 @@
+"""Benchmark: diffusion-policy teacher (100-step DDPM) vs Streaming Diffusion Policy and
+one-step consistency and DMD2 students on ReachAround, in closed loop on the same seeds.
+
+    uv run --package fewstep-policy python benchmarks/policy.py [--episodes 100]
+
+Runs ``fewstep distill policy-sdp``, ``policy-consistency`` and ``policy-dmd`` with their
+defaults (one cached teacher trained on 200 scripted demonstrations); the teacher is rolled
+out once, in the first run. Reports success rate, mode fractions against the expert's (and
+their total-variation distance), NFE per action, and single-environment milliseconds per
+action. Writes benchmarks/results/policy.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RECIPES = ("policy-sdp", "policy-consistency", "policy-dmd")
+
+
+def run(recipe: str, out: Path, episodes: int, with_teacher: bool, extra: list[str]) -> dict:
+    from fewstep.core import cli
+
+    args = ["distill", recipe, "--out", str(out), "--eval.episodes", str(episodes)]
+    args += ["--eval.teacher", str(with_teacher).lower(), "--train.progress", "false", *extra]
+    t0 = time.perf_counter()
+    if cli.main(args) != 0:
+        raise RuntimeError(f"{recipe} failed")
+    m = json.loads((out / "metrics.json").read_text())
+    m["wall_seconds"] = time.perf_counter() - t0
+    return m
+
+
+def row(name: str, s: dict) -> dict:
+    fr = s["mode_fractions"]
+    return {
+        "policy": name,
+        "success": s["success_rate"],
+        "left / right / none": f"{fr.get('left', 0):.2f} / {fr.get('right', 0):.2f} / "
+        f"{fr.get('none', 0):.2f}",
+        "mode TV vs expert": s["mode_tv"],
+        "NFE / action": s["nfe_per_action"],
+        "NFE / plan": s["nfe_per_plan"],
+        "ms / action (1 env)": s["ms_per_action"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--episodes", type=int, default=100, help="closed-loop episodes per policy")
+    ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="options for every run")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "policy.json")
+    args = ap.parse_args()
+    t0 = time.time()
+    results, rows = {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, recipe in enumerate(RECIPES):
+            m = run(recipe, Path(tmp) / recipe, args.episodes, i == 0, args.extra)
+            results[recipe] = m
+            if i == 0:
+                rows.append(row("teacher (DDPM 100)", m["teacher"]))
+            rows.append(row(recipe.removeprefix("policy-"), m["student"]))
+    teacher = results[RECIPES[0]]["teacher"]
+    for r in rows[1:]:
+        r["success vs teacher"] = r["success"] - teacher["success_rate"]
+        r["NFE / action reduction"] = teacher["nfe_per_action"] / r["NFE / action"]
+    report = {
+        "machine": f"{platform.machine()} {platform.processor()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        "episodes": args.episodes,
+        "expert_mode_fractions": teacher["expert_mode_fractions"],
+        "rows": rows,
+        "runs": results,
+        "seconds": time.time() - t0,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=str))
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |")
+    print(f"\nexpert modes: {report['expert_mode_fractions']}; {report['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
