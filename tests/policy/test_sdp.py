@@ -79,6 +79,19 @@ def test_training_noise_is_per_position():
     torch.testing.assert_close(x_t, a * x0 + s * eps)
     assert not torch.allclose(x_t[:, :4], (a[:, -1:] * x0 + s[:, -1:] * eps)[:, :4])
     torch.testing.assert_close(loss, eps.pow(2).mean())  # the spy predicts zero noise
+    v_loss = sdp_loss(ModuleDenoiser(spy, PATH, "v"), x0, torch.zeros(2, 8), levels, eps)
+    torch.testing.assert_close(v_loss, (a * eps - s * x0).pow(2).mean())
+
+
+@pytest.mark.parametrize("kind", ["eps", "x0", "v"])
+def test_per_position_x0_matches_core_conversions(kind):
+    from fewstep.policy.sdp import _coeffs, _to_x0
+
+    x, pred = torch.randn(3, 16, 2), torch.randn(3, 16, 2)
+    level = torch.tensor([5.0, 40.0, 90.0])
+    a, s = _coeffs(PATH, level[:, None].long().expand(3, 16), x)
+    ours = _to_x0(kind, pred, x, a, s)
+    torch.testing.assert_close(ours, PATH.convert(pred, kind, "x0", x, level), rtol=1e-4, atol=1e-4)
 
 
 def test_per_position_levels_reach_the_network_time_embedding():
@@ -117,8 +130,8 @@ def test_streaming_buffer_costs_n_over_c_per_plan(init):
     assert (levels[:, 0] > levels[:, -1]).sum() == 0 and (levels[:, -1] > levels[:, 0]).all()
 
 
-def test_streaming_requires_an_eps_or_x0_network():
+def test_streaming_requires_an_eps_x0_or_v_network():
     den = ModuleDenoiser(Spy(), make_path("rectified_flow"), "velocity")
     norm = Normalizer({"obs": (np.zeros(4), np.ones(4)), "action": (np.zeros(2), np.ones(2))})
-    with pytest.raises(ValueError, match="eps- or x0"):
+    with pytest.raises(ValueError, match="one of"):
         StreamingPolicy(den, norm, H, 2, SDPConfig())

@@ -108,19 +108,39 @@ def _coeffs(path, levels: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
     return a[..., None].to(like), s[..., None].to(like)
 
 
+PREDICTIONS = ("eps", "x0", "v")  # parameterizations SDP handles per position
+
+
+def _check_prediction(kind: str) -> None:
+    if kind not in PREDICTIONS:
+        raise ValueError(f"SDP runs networks predicting one of {PREDICTIONS}, not {kind!r}")
+
+
+def _target(kind: str, x0: Tensor, eps: Tensor, a: Tensor, s: Tensor) -> Tensor:
+    """The regression target of a ``kind`` network (v = alpha eps - sigma x0)."""
+    return {"eps": eps, "x0": x0}[kind] if kind != "v" else a * eps - s * x0
+
+
+def _to_x0(kind: str, pred: Tensor, x_t: Tensor, a: Tensor, s: Tensor) -> Tensor:
+    """x0 from a ``kind`` prediction with per-position (alpha, sigma)."""
+    if kind == "x0":
+        return pred
+    if kind == "v":
+        return a * x_t - s * pred
+    return (x_t - s * pred) / a
+
+
 def sdp_loss(
     denoiser: Denoiser, actions: Tensor, obs: Tensor, levels: Tensor, eps: Tensor
 ) -> Tensor:
     """The denoising loss with a level per position: ``|| net(x_t, k, obs) - target ||^2``
     with x_t = alpha(k_i) x0_i + sigma(k_i) eps_i at every position i; the target is the
-    network's parameterization of (x0, eps) (eps for diffusion_policy)."""
+    network's parameterization (eps, x0 or v) at each position's own level."""
+    _check_prediction(denoiser.prediction)
     a, s = _coeffs(denoiser.path, levels, actions)
     x_t = a * actions + s * eps
     pred = denoiser(x_t, levels.float(), obs)
-    target = {"eps": eps, "x0": actions}.get(denoiser.prediction)
-    if target is None:
-        raise ValueError(f"SDP trains eps- or x0-prediction networks, not {denoiser.prediction!r}")
-    return (pred - target).pow(2).mean()
+    return (pred - _target(denoiser.prediction, actions, eps, a, s)).pow(2).mean()
 
 
 class StreamingPolicy(ChunkPolicy):
@@ -136,10 +156,7 @@ class StreamingPolicy(ChunkPolicy):
         seed: int = 0,
         device: str = "cpu",
     ):
-        if denoiser.prediction not in ("eps", "x0"):
-            raise ValueError(
-                f"SDP runs eps- or x0-prediction networks, not {denoiser.prediction!r}"
-            )
+        _check_prediction(denoiser.prediction)
         self.denoiser, self.act_dim, self.cfg = denoiser.eval(), act_dim, cfg
         self.n_levels = int(denoiser.path.t_max) + 1
         self.generator = torch.Generator().manual_seed(seed)
@@ -162,7 +179,7 @@ class StreamingPolicy(ChunkPolicy):
         x, k = self.buffer, self.levels
         pred = self.denoiser(x, k.clamp(min=0).float(), obs)
         a_t, s_t = _coeffs(self.denoiser.path, k, x)
-        x0 = (x - s_t * pred) / a_t if self.denoiser.prediction == "eps" else pred
+        x0 = _to_x0(self.denoiser.prediction, pred, x, a_t, s_t)
         x0 = x0.clamp(-self.cfg.clip_x0, self.cfg.clip_x0)
         mean, std = ddpm_posterior(a_t, s_t, *_coeffs(self.denoiser.path, k - 1, x), x, x0)
         new = mean + std * self._randn(*x.shape)

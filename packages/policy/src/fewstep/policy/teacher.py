@@ -1,6 +1,11 @@
 """The diffusion-policy teacher: a ConditionalUnet1D on diffusion_policy's discrete DDPM
-(100 steps, squaredcos_cap_v2, eps prediction), trained by fewstep on ReachAround expert
-demonstrations and cached by its config."""
+(100 steps, squaredcos_cap_v2), trained by fewstep on ReachAround expert demonstrations and
+cached by its config.
+
+It predicts v (Salimans and Ho 2022) where diffusion_policy predicts eps: that table ends at
+alpha = 5e-4, where x0 = (x - sigma eps) / alpha amplifies every eps error 2000-fold. The
+100-step teacher hides this behind its x0 clip; a one-step student, which must predict x0 at
+that very step, cannot (a consistency student from an eps teacher never left the start)."""
 
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ class TeacherConfig:
     lr: float = 1e-3  # AdamW learning rate
     seed: int = 0  # training seed
     train_timesteps: int = 100  # DDPM table length (diffusion_policy: 100)
+    prediction: str = "v"  # what the network predicts: v, eps (diffusion_policy) or x0
     sample_steps: int = 100  # DDPM steps per plan at rollout time
 
 
@@ -66,7 +72,7 @@ def build_denoiser(cfg: TeacherConfig, horizons: HorizonConfig) -> ModuleDenoise
     path = make_path(
         "vp_discrete", schedule="squaredcos_cap_v2", num_train_timesteps=cfg.train_timesteps
     )
-    return ModuleDenoiser(net, path, "eps")
+    return ModuleDenoiser(net, path, cfg.prediction)
 
 
 def load_teacher(
@@ -80,7 +86,7 @@ def load_teacher(
     data, normalizer = windows_data(episodes, horizons)
     spec = {**dataclasses.asdict(cfg), "horizons": dataclasses.asdict(horizons)}
     spec.pop("sample_steps")
-    spec["model"] = "policy-unet1d-v1"
+    spec["model"] = "policy-unet1d-v2"
 
     def train(model: ModuleDenoiser) -> dict:
         t0 = time.perf_counter()
