@@ -27,13 +27,17 @@ def sdpa_attention(
     """Block mask expanded for ``scaled_dot_product_attention``: dense compute, exact
     result, differentiable in both modes (under forward AD through SDPA's math backend:
     PyTorch's fused CPU/flash kernels have no forward-mode rule)."""
-    m = token_mask(mask, q.shape[-2], k.shape[-2], block_size, causal)
+    if bool(mask.all()):  # dense: no mask tensor, so SDPA may use its fused kernels
+        m = None
+    else:
+        m = token_mask(mask, q.shape[-2], k.shape[-2], block_size, causal)
+        causal = False  # the token mask holds it
     if _forward_ad(q, k, v):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale)
+            return F.scaled_dot_product_attention(q, k, v, m, is_causal=causal, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, m, is_causal=causal, scale=scale)
 
 
 def _forward_ad(*xs: Tensor) -> bool:
