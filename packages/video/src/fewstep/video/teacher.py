@@ -1,0 +1,109 @@
+"""The video teacher: a class-conditional spatio-temporal DiT on rectified flow, trained by
+fewstep on moving digits and cached by its config.
+
+The training clips take the path a user's videos take: the moving-digits videos are written
+as MP4 files (``generate_moving_digits``) and read back through ``VideoClipDataset``
+(decord), so compression and the reader are part of the data. The class of a clip is the
+label of its first digit; labels are dropped 10 % of the time so the teacher also learns the
+unconditional velocity that classifier-free guidance needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fewstep.core.models import ModuleDenoiser
+from fewstep.core.paths import make_path
+from fewstep.video.dit import VideoDiT, VideoDiTConfig
+
+NUM_CLASSES = 10  # digit labels; label 10 is the null class of CFG
+
+
+@dataclass
+class VideoDataConfig:
+    videos: int = 1000  # moving-digits videos written as MP4 and read back
+    frames: int = 8  # frames per clip
+    size: int = 16  # frame height and width
+    seed: int = 0  # recipe seed of the videos
+    quality: str = "high"  # high, or low (blur, noise, JPEG and strong x264 compression)
+
+
+@dataclass
+class VideoTeacherConfig:
+    data: VideoDataConfig = field(default_factory=VideoDataConfig)  # training videos
+    patch: tuple[int, int, int] = (2, 4, 4)  # DiT patch (frames, rows, cols)
+    dim: int = 96  # DiT width
+    depth: int = 4  # DiT blocks
+    heads: int = 4  # attention heads
+    attention: str = "full"  # full or factorised
+    steps: int = 3000  # training steps
+    batch_size: int = 32  # training batch
+    lr: float = 5e-4  # AdamW learning rate
+    cond_dropout: float = 0.1  # label dropout for CFG
+    seed: int = 0  # training seed
+
+    def dit(self) -> VideoDiTConfig:
+        d = self.data
+        return VideoDiTConfig(
+            frames=d.frames, size=d.size, patch=self.patch, dim=self.dim, depth=self.depth,
+            heads=self.heads, attention=self.attention, num_classes=NUM_CLASSES,
+        )  # fmt: skip
+
+
+def null_labels(labels: Tensor) -> Tensor:
+    return torch.full_like(labels, NUM_CLASSES)
+
+
+def load_clips(cfg: VideoDataConfig, folder: Path | None = None) -> tuple[Tensor, Tensor]:
+    """(clips (N, T, 3, H, W) in [-1, 1], first-digit labels (N,)), generated as MP4 files
+    under ``folder`` (default: the fewstep cache) and read back with decord."""
+    from fewstep.core.cache import cache_key, cache_root
+    from fewstep.video.io import VideoClipDataset
+    from fewstep.video.moving_digits import generate_moving_digits
+
+    folder = folder or cache_root() / "video-data" / cache_key(dataclasses.asdict(cfg))
+    meta_file = folder / "metadata.json"
+    if not meta_file.exists():
+        generate_moving_digits(folder, cfg.videos, cfg.frames, cfg.size, cfg.seed, cfg.quality)
+    meta = json.loads(meta_file.read_text())
+    label_of = {v["file"]: v["digits"][0]["label"] for v in meta["videos"]}
+    ds = VideoClipDataset(folder, clip_len=cfg.frames, random_clip=False)
+    clips = torch.stack([ds[i] for i in range(len(ds))])
+    labels = torch.tensor([label_of[info.path.name] for info in ds.videos])
+    return clips, labels
+
+
+def build_teacher(cfg: VideoTeacherConfig) -> ModuleDenoiser:
+    torch.manual_seed(cfg.seed)
+    return ModuleDenoiser(VideoDiT(cfg.dit()), make_path("rectified_flow"), "velocity")
+
+
+def load_teacher(cfg: VideoTeacherConfig, progress: bool = True) -> tuple[ModuleDenoiser, dict]:
+    """(frozen teacher, info with train_seconds); trains and caches on first use."""
+    from fewstep.core.cache import cached_module
+    from fewstep.core.pretrain import train_denoiser
+    from fewstep.core.training import TensorData
+
+    spec = {**dataclasses.asdict(cfg), "model": "video-dit-v1"}
+
+    def train(model: ModuleDenoiser) -> dict:
+        clips, labels = load_clips(cfg.data)
+        t0 = time.perf_counter()
+        ema, losses = train_denoiser(
+            model, TensorData(clips, labels), steps=cfg.steps, batch_size=cfg.batch_size,
+            lr=cfg.lr, seed=cfg.seed, cond_dropout=cfg.cond_dropout, null_cond=null_labels,
+            progress=progress,
+        )  # fmt: skip
+        model.load_state_dict(ema.state_dict())
+        tail = losses[-50:]
+        return {"train_seconds": time.perf_counter() - t0, "final_loss": sum(tail) / len(tail)}
+
+    teacher, info, _ = cached_module("video-teacher", spec, build_teacher(cfg), train)
+    return teacher.eval().requires_grad_(False), info
