@@ -4,8 +4,9 @@ one-step consistency and DMD2 students on ReachAround, in closed loop on the sam
     uv run --package fewstep-policy python benchmarks/policy.py [--episodes 100]
 
 Runs ``fewstep distill policy-sdp``, ``policy-consistency`` and ``policy-dmd`` with their
-defaults (one cached teacher trained on 200 scripted demonstrations); the teacher is rolled
-out once, in the first run. Reports success rate, mode fractions against the expert's (and
+defaults, plus SDP descending two levels per evaluation and a two-step consistency student
+(one cached teacher trained on 200 scripted demonstrations); the teacher is rolled out once,
+in the first run. Reports success rate, mode fractions against the expert's (and
 their total-variation distance), NFE per action, and single-environment milliseconds per
 action. Writes benchmarks/results/policy.json and prints a markdown table.
 """
@@ -21,10 +22,18 @@ from pathlib import Path
 
 import torch
 
-RECIPES = ("policy-sdp", "policy-consistency", "policy-dmd")
+# (row name, recipe, options): the recipes' defaults, and the variants the table compares
+RUNS = (
+    ("sdp", "policy-sdp", []),
+    ("sdp, 2 levels per step", "policy-sdp", ["--sdp.levels-per-step", "2"]),
+    ("consistency", "policy-consistency", []),
+    ("consistency, 2 steps", "policy-consistency", ["--objective.student-steps", "2"]),
+    ("dmd", "policy-dmd", []),
+)
 
 
 def run(recipe: str, out: Path, episodes: int, with_teacher: bool, extra: list[str]) -> dict:
+    """One recipe run; its metrics.json plus wall time."""
     from fewstep.core import cli
 
     args = ["distill", recipe, "--out", str(out), "--eval.episodes", str(episodes)]
@@ -60,13 +69,13 @@ def main() -> None:
     t0 = time.time()
     results, rows = {}, []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, recipe in enumerate(RECIPES):
-            m = run(recipe, Path(tmp) / recipe, args.episodes, i == 0, args.extra)
-            results[recipe] = m
+        for i, (name, recipe, opts) in enumerate(RUNS):
+            m = run(recipe, Path(tmp) / f"run{i}", args.episodes, i == 0, opts + args.extra)
+            results[name] = m
             if i == 0:
                 rows.append(row("teacher (DDPM 100)", m["teacher"]))
-            rows.append(row(recipe.removeprefix("policy-"), m["student"]))
-    teacher = results[RECIPES[0]]["teacher"]
+            rows.append(row(name, m["student"]))
+    teacher = results[RUNS[0][0]]["teacher"]
     for r in rows[1:]:
         r["success vs teacher"] = r["success"] - teacher["success_rate"]
         r["NFE / action reduction"] = teacher["nfe_per_action"] / r["NFE / action"]

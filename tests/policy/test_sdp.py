@@ -105,11 +105,12 @@ def test_per_position_levels_reach_the_network_time_embedding():
         net(torch.randn(2, 12, 2), torch.tensor([1.0, 1.0]), obs)
 
 
-def _policy(init="zero", net=None):
+def _policy(init="zero", net=None, jump=1):
     net = net or Spy()
     den = ModuleDenoiser(net, PATH, "eps")
     norm = Normalizer({"obs": (np.zeros(4), np.ones(4)), "action": (np.zeros(2), np.ones(2))})
-    return StreamingPolicy(den, norm, H, 2, SDPConfig(buffer_init=init), seed=0), net
+    cfg = SDPConfig(buffer_init=init, levels_per_step=jump)
+    return StreamingPolicy(den, norm, H, 2, cfg, seed=0), net
 
 
 @pytest.mark.parametrize("init", ["zero", "constant", "denoise"])
@@ -128,6 +129,17 @@ def test_streaming_buffer_costs_n_over_c_per_plan(init):
     # every steady-state call sees the staircase, ending with the executed chunk clean
     levels = torch.stack([t[0] for _, t in spy.calls[first:]])
     assert (levels[:, 0] > levels[:, -1]).sum() == 0 and (levels[:, -1] > levels[:, 0]).all()
+
+
+def test_jumps_of_several_levels_keep_the_staircase():
+    policy, _ = _policy(jump=4)
+    obs = np.zeros((2, 4), np.float32)
+    for _ in range(3 * H.action_horizon):
+        policy.act(obs)
+    assert policy.nfe == 3 * 5  # 20 levels per call in jumps of 4
+    assert torch.equal(policy.levels, staircase(H, 100, torch.zeros(2)))
+    with pytest.raises(ValueError, match="must divide the 20 levels"):
+        _policy(jump=3)
 
 
 def test_streaming_requires_an_eps_x0_or_v_network():

@@ -39,6 +39,7 @@ class SDPConfig:
     chunk_wise_weight: float = 0.8  # share with the streaming staircase (random offset)
     buffer_init: str = "zero"  # first call: zero, constant (current position) or denoise
     clip_x0: float = 1.0  # clamp of the x0 prediction at each step (diffusion_policy's clip)
+    levels_per_step: int = 1  # levels each evaluation descends (1: the paper's DDPM; 2+: jumps)
 
     def __post_init__(self):
         w = (
@@ -49,6 +50,8 @@ class SDPConfig:
         )
         if min(w) < 0 or not math.isclose(sum(w), 1.0, rel_tol=1e-3):
             raise ValueError(f"SDP regime weights must be >= 0 and sum to 1, got {w}")
+        if self.levels_per_step < 1:
+            raise ValueError(f"levels_per_step must be >= 1, got {self.levels_per_step}")
         if self.buffer_init not in BUFFER_INITS:
             raise ValueError(f"buffer_init must be one of {BUFFER_INITS}, got {self.buffer_init!r}")
 
@@ -159,6 +162,12 @@ class StreamingPolicy(ChunkPolicy):
         _check_prediction(denoiser.prediction)
         self.denoiser, self.act_dim, self.cfg = denoiser.eval(), act_dim, cfg
         self.n_levels = int(denoiser.path.t_max) + 1
+        per_call = self.n_levels // num_chunks(horizons)
+        if per_call % cfg.levels_per_step:
+            raise ValueError(
+                f"levels_per_step {cfg.levels_per_step} must divide the {per_call} levels a call "
+                f"descends ({self.n_levels} levels / {num_chunks(horizons)} chunks)"
+            )
         self.generator = torch.Generator().manual_seed(seed)
         super().__init__(normalizer, horizons, device)
 
@@ -175,16 +184,18 @@ class StreamingPolicy(ChunkPolicy):
         return a * x0 + s * self._randn(*x0.shape)
 
     def _step(self, obs: Tensor) -> None:
-        """One DDPM step of every position from its level k to k - 1."""
+        """One step of every position from its level k to k - j (j = levels_per_step) with
+        the DDPM posterior of that jump (ancestral skipping; SDP's code also ships DDIM)."""
         x, k = self.buffer, self.levels
         pred = self.denoiser(x, k.clamp(min=0).float(), obs)
         a_t, s_t = _coeffs(self.denoiser.path, k, x)
         x0 = _to_x0(self.denoiser.prediction, pred, x, a_t, s_t)
         x0 = x0.clamp(-self.cfg.clip_x0, self.cfg.clip_x0)
-        mean, std = ddpm_posterior(a_t, s_t, *_coeffs(self.denoiser.path, k - 1, x), x, x0)
+        k_next = (k - self.cfg.levels_per_step).clamp(min=-1)
+        mean, std = ddpm_posterior(a_t, s_t, *_coeffs(self.denoiser.path, k_next, x), x, x0)
         new = mean + std * self._randn(*x.shape)
         self.buffer = torch.where(k[..., None] >= 0, new, x)
-        self.levels = (k - 1).clamp(min=-1)
+        self.levels = k_next
         self.nfe += 1
 
     def _init_buffer(self, obs_raw: Tensor, obs: Tensor) -> None:

@@ -41,7 +41,7 @@ class TeacherConfig:
     demos: int = 200  # scripted-expert demonstrations it learns from
     demo_seed: int = 0  # env seeds demo_seed .. demo_seed + demos - 1
     unet: UnetConfig = field(default_factory=UnetConfig)  # network
-    steps: int = 3000  # training steps (~3 min on one CPU core)
+    steps: int = 6000  # training steps (~6 min on one idle CPU core)
     batch_size: int = 64  # training batch
     lr: float = 1e-3  # AdamW learning rate
     seed: int = 0  # training seed

@@ -64,7 +64,7 @@ class DistillConfig:
     objective: str = "consistency"  # core objective (see `fewstep list`)
     horizons: HorizonConfig = field(default_factory=HorizonConfig)  # To, Tp, Ta
     teacher: TeacherConfig = field(default_factory=TeacherConfig)  # teacher and demos
-    train: TrainConfig = field(default_factory=_train)  # distillation loop
+    train: TrainConfig = field(default_factory=lambda: _train(steps=2000))  # distillation
     eval: EvalConfig = field(default_factory=EvalConfig)  # closed-loop evaluation
     seed: int = 0  # sampling noise of the evaluated policies
     threads: int = 1  # torch CPU threads; these small nets run fastest on one (0 = default)
