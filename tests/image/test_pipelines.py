@@ -348,6 +348,31 @@ def test_image_folder_reads_captioned_images_and_names_what_it_skips(image_dir, 
         read_image_folder(image_dir / "..", 16)
 
 
+def test_webdataset_shards_read_like_the_folder(image_dir, tmp_path, caplog):
+    """The same captioned images packed as two tar shards (webdataset layout: ``key.png`` +
+    ``key.txt`` per sample) read back identically, skipping what the folder skips."""
+    import tarfile
+
+    from fewstep.image.images import read_image_folder
+
+    keys = sorted({p.name.split(".")[0] for p in image_dir.iterdir()})
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i, part in enumerate((keys[:4], keys[4:])):  # a sample's files stay in one shard
+        with tarfile.open(shards / f"train-{i:03d}.tar", "w") as tar:
+            for path in sorted(p for p in image_dir.iterdir() if p.name.split(".")[0] in part):
+                tar.add(path, arcname=path.name)
+    folder, packed = read_image_folder(image_dir, 16), read_image_folder(shards, 16)
+    torch.testing.assert_close(packed.images, folder.images)
+    assert packed.captions == folder.captions and len(packed.skipped) == 2
+    assert any("broken.png" in s for s in packed.skipped)
+    one = read_image_folder(shards / "train-000.tar", 16)  # a single shard
+    assert 0 < len(one.captions) < len(folder.captions)
+    (shards / "train-002.tar").write_bytes(b"not a tar")
+    with pytest.raises(ValueError, match="train-002.tar is not a readable tar shard"):
+        read_image_folder(shards, 16)
+
+
 def test_data_based_distillation_with_the_gan_term(pipe_folder, image_dir, tmp_path, cache_dir):
     """Objectives that need real data (DMD2's GAN term) run on VAE latents of the images;
     the GAN head sits on the UNet's mid block or the transformer's middle block."""

@@ -1,5 +1,6 @@
-"""Image-folder data for latent distillation: images with same-name caption files (the
-webdataset / DreamBooth convention ``0001.png`` + ``0001.txt``), resized and centre-cropped,
+"""Image data for latent distillation: images with same-name caption files (the webdataset /
+DreamBooth convention ``0001.png`` + ``0001.txt``), from a folder or from webdataset-style tar
+shards (``shard-000.tar`` holding ``key.jpg`` + ``key.txt`` pairs), resized and centre-cropped,
 encoded once by the pipeline's frozen VAE and cached."""
 
 from __future__ import annotations
@@ -31,28 +32,73 @@ class ImageFolder:
 
 def read_image_folder(folder: str | Path, resolution: int) -> ImageFolder:
     """Every image in ``folder`` (sorted by name) with a ``.txt`` caption beside it, resized
-    so the short side is ``resolution`` and centre-cropped to a square. Unreadable images
-    and images without a caption are reported by name and skipped; no usable image is an
-    error."""
-    from PIL import Image
-
+    so the short side is ``resolution`` and centre-cropped to a square; a folder of ``.tar``
+    shards (or one shard) is read as webdataset samples instead (``read_shards``).
+    Unreadable images and images without a caption are reported by name and skipped; no
+    usable image is an error."""
     root = Path(folder)
+    if root.is_file() and root.suffix == ".tar":
+        return read_shards([root], resolution)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} not found")
-    images, captions, skipped = [], [], []
+    shards = sorted(root.glob("*.tar"))
+    if shards and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir()):
+        return read_shards(shards, resolution)
+    samples = {}
     for path in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         caption = path.with_suffix(".txt")
-        if not caption.exists():
-            skipped.append(f"{path.name} (no {caption.name})")
+        text = caption.read_text() if caption.exists() else None
+        samples[path.name] = (path.read_bytes, text, caption.name)
+    return _decode(samples, root, resolution)
+
+
+def read_shards(shards: list[Path], resolution: int) -> ImageFolder:
+    """webdataset-style tar shards: members grouped by key (the name up to its first dot),
+    each sample an image (``key.png``/``.jpg``/...) with a caption ``key.txt``. Samples are
+    read in shard order, then key order; a shard that is not a readable tar is an error
+    naming it."""
+    import tarfile
+
+    samples = {}
+    for shard in shards:
+        try:
+            with tarfile.open(shard) as tar:
+                members = [m for m in tar.getmembers() if m.isfile()]
+                data = {m.name: tar.extractfile(m).read() for m in members}
+        except (tarfile.TarError, OSError) as e:
+            raise ValueError(f"{shard} is not a readable tar shard ({e})") from e
+        for name in sorted(data):
+            key, _, ext = name.partition(".")
+            if "." + ext.lower() not in IMAGE_SUFFIXES:
+                continue
+            text = data.get(f"{key}.txt")
+            samples[f"{shard.name}:{name}"] = (
+                lambda b=data[name]: b,
+                None if text is None else text.decode("utf-8"),
+                f"{key}.txt",
+            )
+    return _decode(samples, shards[0].parent if shards else Path("."), resolution)
+
+
+def _decode(samples: dict, root: Path, resolution: int) -> ImageFolder:
+    """{name: (bytes getter, caption or None, caption file name)} -> ImageFolder."""
+    import io
+
+    from PIL import Image
+
+    images, captions, skipped = [], [], []
+    for name, (read, text, caption_name) in samples.items():
+        if text is None:
+            skipped.append(f"{name} (no {caption_name})")
             continue
         try:
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(read())) as im:
                 img = im.convert("RGB")
         except Exception as e:  # PIL raises many types for a broken file
-            skipped.append(f"{path.name} ({type(e).__name__})")
+            skipped.append(f"{name} ({type(e).__name__})")
             continue
         images.append(_square(img, resolution))
-        captions.append(caption.read_text().strip())
+        captions.append(text.strip())
     if skipped:
         log.warning("skipped %d of %d images: %s", len(skipped), len(images) + len(skipped),
                     ", ".join(skipped))  # fmt: skip
@@ -97,7 +143,8 @@ def cached_latents(pipe, folder: str | Path, resolution: int, teacher_id: str) -
 
     from fewstep.core.cache import cache_root
 
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).iterdir())
+    paths = [Path(folder)] if Path(folder).is_file() else Path(folder).iterdir()
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
     spec = [teacher_id, str(Path(folder).resolve()), resolution, files]
     key = hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:20]
     base = cache_root() / "image-latents" / key

@@ -30,7 +30,7 @@ class LatentConfig:
     objective: str = "dmd2"  # distillation objective (see `fewstep list`)
     teacher: str = ""  # diffusers pipeline folder (with model_index.json); required
     prompts: str = ""  # text file, one prompt per line (prompt-only distillation)
-    images: str = ""  # folder of images with same-name .txt captions (data-based distillation)
+    images: str = ""  # images with same-name .txt captions: a folder or webdataset .tar shards
     resolution: int = 0  # image side in pixels; 0 = the denoiser's own sample size
     guidance_scale: float = 1.0  # teacher CFG scale (1 = off)
     guidance_max: float = 0.0  # > guidance_scale: each sample draws its scale in between
