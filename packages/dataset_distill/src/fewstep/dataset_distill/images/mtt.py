@@ -193,8 +193,7 @@ def expert_buffer(
     for i in range(cfg.num_experts):
         path = folder / f"expert_{i:03d}.safetensors"
         if path.exists():
-            # a copy in memory torch allocated: tensors on safetensors' file mapping need not
-            # be aligned as some CPU kernels assume (seen as a crash in conv backward)
+            # a copy that owns its memory, independent of the file once loaded
             trajectories.append(load_file(str(path))["trajectory"].clone())
             meta = json.loads((folder / f"expert_{i:03d}.json").read_text())
             accs.append(meta["test_accuracy"])

@@ -152,7 +152,12 @@ def save_distilled_grid(path: Path, images, labels, data: ImageData, per_class: 
     idx = class_grid_order(labels, data.num_classes, per_class)
     pix = data.to_pixels(images[idx.to(images.device)])
     return save_image_grid(
-        path, pix, nrow=per_class, value_range=(0.0, 1.0), upscale=_upscale(data.image_size)
+        path,
+        pix,
+        nrow=per_class,
+        value_range=(0.0, 1.0),
+        upscale=_upscale(data.image_size),
+        pad_value=128,  # grey lines between the black-backed digits
     )
 
 
@@ -367,8 +372,7 @@ def load_distilled(path: Path) -> tuple[torch.Tensor, torch.Tensor, float | None
 
     if not Path(path).exists():
         raise FileNotFoundError(f"no distilled set at {path}")
-    # copies: tensors on safetensors' file mapping need not be aligned as some CPU kernels
-    # assume (a crash in a ResNet's conv backward otherwise)
+    # copies that own their memory, independent of the file once loaded
     t = {k: v.clone() for k, v in load_file(str(path)).items()}
     lr = float(t["lr"][0]) if "lr" in t else None
     return t["images"], t["labels"], lr
