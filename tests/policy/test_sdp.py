@@ -83,17 +83,6 @@ def test_training_noise_is_per_position():
     torch.testing.assert_close(v_loss, (a * eps - s * x0).pow(2).mean())
 
 
-@pytest.mark.parametrize("kind", ["eps", "x0", "v"])
-def test_per_position_x0_matches_core_conversions(kind):
-    from fewstep.policy.sdp import _coeffs, _to_x0
-
-    x, pred = torch.randn(3, 16, 2), torch.randn(3, 16, 2)
-    level = torch.tensor([5.0, 40.0, 90.0])
-    a, s = _coeffs(PATH, level[:, None].long().expand(3, 16), x)
-    ours = _to_x0(kind, pred, x, a, s)
-    torch.testing.assert_close(ours, PATH.convert(pred, kind, "x0", x, level), rtol=1e-4, atol=1e-4)
-
-
 def test_per_position_levels_reach_the_network_time_embedding():
     net = ConditionalUnet1D(2, 16, 8, UnetConfig(down_dims=(16, 32), time_embed_dim=16))
     x, obs = torch.randn(2, 16, 2), torch.randn(2, 8)

@@ -33,11 +33,13 @@ PREDICTIONS: tuple[str, ...] = ("eps", "x0", "v", "velocity", "score")
 
 
 def _bcast(v: Tensor, like: Tensor) -> Tensor:
-    """(B,) or scalar -> broadcastable against ``like`` of shape (B, ...)."""
+    """Scalar, (B,) or leading-dims (B, T, ...) times -> broadcastable against ``like``
+    of shape (B, ...): trailing singleton dims are added (a (B, T) time gives every
+    position of a sequence its own noise level, as Streaming Diffusion Policy needs)."""
     v = torch.as_tensor(v, device=like.device, dtype=like.dtype)
     if v.ndim == 0:
         return v
-    return v.reshape(v.shape[0], *([1] * (like.ndim - 1)))
+    return v.reshape(*v.shape, *([1] * (like.ndim - v.ndim)))
 
 
 class Path(ABC):

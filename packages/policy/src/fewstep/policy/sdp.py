@@ -119,20 +119,6 @@ def _check_prediction(kind: str) -> None:
         raise ValueError(f"SDP runs networks predicting one of {PREDICTIONS}, not {kind!r}")
 
 
-def _target(kind: str, x0: Tensor, eps: Tensor, a: Tensor, s: Tensor) -> Tensor:
-    """The regression target of a ``kind`` network (v = alpha eps - sigma x0)."""
-    return {"eps": eps, "x0": x0}[kind] if kind != "v" else a * eps - s * x0
-
-
-def _to_x0(kind: str, pred: Tensor, x_t: Tensor, a: Tensor, s: Tensor) -> Tensor:
-    """x0 from a ``kind`` prediction with per-position (alpha, sigma)."""
-    if kind == "x0":
-        return pred
-    if kind == "v":
-        return a * x_t - s * pred
-    return (x_t - s * pred) / a
-
-
 def sdp_loss(
     denoiser: Denoiser, actions: Tensor, obs: Tensor, levels: Tensor, eps: Tensor
 ) -> Tensor:
@@ -140,10 +126,10 @@ def sdp_loss(
     with x_t = alpha(k_i) x0_i + sigma(k_i) eps_i at every position i; the target is the
     network's parameterization (eps, x0 or v) at each position's own level."""
     _check_prediction(denoiser.prediction)
-    a, s = _coeffs(denoiser.path, levels, actions)
-    x_t = a * actions + s * eps
-    pred = denoiser(x_t, levels.float(), obs)
-    return (pred - _target(denoiser.prediction, actions, eps, a, s)).pow(2).mean()
+    path, t = denoiser.path, levels.float()  # core's conversions take a (B, T) time
+    x_t = path.noise(actions, t, eps)
+    pred = denoiser(x_t, t, obs)
+    return (pred - path.from_x0_eps(actions, eps, denoiser.prediction, t)).pow(2).mean()
 
 
 class StreamingPolicy(ChunkPolicy):
@@ -187,10 +173,11 @@ class StreamingPolicy(ChunkPolicy):
         """One step of every position from its level k to k - j (j = levels_per_step) with
         the DDPM posterior of that jump (ancestral skipping; SDP's code also ships DDIM)."""
         x, k = self.buffer, self.levels
-        pred = self.denoiser(x, k.clamp(min=0).float(), obs)
-        a_t, s_t = _coeffs(self.denoiser.path, k, x)
-        x0 = _to_x0(self.denoiser.prediction, pred, x, a_t, s_t)
+        t = k.clamp(min=0).float()  # clean (-1) positions are computed, then left as they are
+        pred = self.denoiser(x, t, obs)
+        x0 = self.denoiser.path.to_x0_eps(pred, self.denoiser.prediction, x, t)[0]
         x0 = x0.clamp(-self.cfg.clip_x0, self.cfg.clip_x0)
+        a_t, s_t = _coeffs(self.denoiser.path, k, x)
         k_next = (k - self.cfg.levels_per_step).clamp(min=-1)
         mean, std = ddpm_posterior(a_t, s_t, *_coeffs(self.denoiser.path, k_next, x), x, x0)
         new = mean + std * self._randn(*x.shape)
