@@ -156,7 +156,8 @@ class Trainer:
         self.evaluator = evaluator
         self.dist = D.setup(device)
         self.device = self.dist.device
-        objective.teacher.to(self.device)
+        if objective.teacher is not None:  # teacher-free objectives (consistency training)
+            objective.teacher.to(self.device)
         self.step = 0
         self.history: list[dict] = []
         self._window: dict[str, tuple[float, int]] = {}  # log values since the last record

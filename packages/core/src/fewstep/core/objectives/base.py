@@ -49,7 +49,7 @@ class Objective(ABC):
 
     def __init__(
         self,
-        teacher: Denoiser,
+        teacher: Denoiser | None,
         config: ObjectiveConfig | None = None,
         reward: Reward | None = None,
     ):
