@@ -469,3 +469,12 @@ def test_torch_renderer_matches_gsplat():
         grads.append(torch.cat([p.grad.flatten() for p in gs.parameters()]))
     cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
     assert cos > 0.99, f"gradient cosine similarity {cos:.4f}"
+
+
+def test_ply_round_trip_of_degree_zero(tmp_path):
+    gs = Gaussians.init_random(7, sh_degree=0, generator=torch.Generator().manual_seed(1))
+    save_ply(tmp_path / "d0.ply", gs)
+    back = load_ply(tmp_path / "d0.ply")
+    assert back.sh_degree == 0 and back.sh.shape == (7, 1, 3)
+    for name, p in gs.param_dict().items():
+        torch.testing.assert_close(getattr(back, name), p, rtol=0, atol=0, msg=name)

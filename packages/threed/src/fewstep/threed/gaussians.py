@@ -960,6 +960,8 @@ def load_ply(path: str | Path) -> Gaussians:
         raise ValueError(f"{path}: missing 3DGS properties {missing}")
 
     def cols(keys: list[str]) -> Tensor:
+        if not keys:  # degree-0 files have no f_rest_* columns
+            return torch.zeros(n, 0)
         return torch.from_numpy(np.stack([arr[k].astype(np.float32) for k in keys], axis=1))
 
     means = cols(["x", "y", "z"])

@@ -1,0 +1,1 @@
+"""Recipes of fewstep-threed, registered as ``threed-<method>`` entry points."""
