@@ -9,6 +9,7 @@ import torch
 
 from fewstep.core.batch import Batch, StepRNG
 from fewstep.core.models import Denoiser, ema_update_
+from fewstep.core.objectives.classifier_free import drop_cond
 from fewstep.core.objectives.common import denoising_loss
 
 
@@ -46,9 +47,7 @@ def train_denoiser(
         x = x.to(device)
         if cond is not None:
             cond = cond.to(device)
-            if cond_dropout > 0:
-                drop = rng.rand() < cond_dropout
-                cond = torch.where(drop, null_cond(cond), cond)
+            cond = drop_cond(cond, null_cond, cond_dropout, Batch(x, cond, rng))
         loss = denoising_loss(model, x, cond, Batch(x, cond, rng))
         opt.zero_grad(set_to_none=True)
         loss.backward()
