@@ -136,3 +136,28 @@ def test_streaming_requires_an_eps_x0_or_v_network():
     norm = Normalizer({"obs": (np.zeros(4), np.ones(4)), "action": (np.zeros(2), np.ones(2))})
     with pytest.raises(ValueError, match="one of"):
         StreamingPolicy(den, norm, H, 2, SDPConfig())
+
+
+def test_step_rules_match_core_samplers_at_a_uniform_level():
+    """At one level for every position, the DDIM rule is core's Euler (DDIM) step and the
+    DDPM rule has the posterior's mean; the DDIM rule must ignore its noise argument."""
+    from fewstep.core.samplers import ddpm_posterior
+    from fewstep.policy.sdp import ddim_update, ddpm_update
+
+    g = torch.Generator().manual_seed(0)
+    x, x0, noise = (torch.randn(2, 16, 2, generator=g) for _ in range(3))
+    t, s = torch.tensor(60.0), torch.tensor(50.0)
+    a_t, s_t, a_s, s_s = PATH.alpha(t), PATH.sigma(t), PATH.alpha(s), PATH.sigma(s)
+    eps = (x - a_t * x0) / s_t
+    torch.testing.assert_close(
+        ddim_update(a_t, s_t, a_s, s_s, x, x0, noise), PATH.noise(x0, s, eps)
+    )
+    torch.testing.assert_close(
+        ddim_update(a_t, s_t, a_s, s_s, x, x0, noise),
+        ddim_update(a_t, s_t, a_s, s_s, x, x0, -noise),
+    )
+    mean, std = ddpm_posterior(a_t, s_t, a_s, s_s, x, x0)
+    torch.testing.assert_close(ddpm_update(a_t, s_t, a_s, s_s, x, x0, noise), mean + std * noise)
+    assert float(std) > 0
+    with pytest.raises(ValueError, match="update must be one of"):
+        SDPConfig(update="euler")

@@ -28,6 +28,22 @@ from fewstep.policy.data import Normalizer, WindowConfig
 from fewstep.policy.policy import ChunkPolicy
 
 REGIMES = ("constant", "increasing", "random", "chunk_wise")
+
+
+def ddpm_update(a_t, s_t, a_s, s_s, x: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
+    """Ancestral: a draw from the DDPM posterior q(x_s | x_t, x0_hat)."""
+    mean, std = ddpm_posterior(a_t, s_t, a_s, s_s, x, x0)
+    return mean + std * noise
+
+
+def ddim_update(a_t, s_t, a_s, s_s, x: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
+    """DDIM with eta = 0 (Song et al. 2021, eq. 12): x_s = a_s x0_hat + s_s eps_hat, with
+    eps_hat recomputed from the clipped x0_hat as diffusers' DDIMScheduler does."""
+    eps = (x - a_t * x0) / s_t.clamp(min=1e-12)
+    return a_s * x0 + s_s * eps
+
+
+UPDATES = {"ddpm": ddpm_update, "ddim": ddim_update}
 BUFFER_INITS = ("zero", "constant", "denoise")
 
 
@@ -40,6 +56,7 @@ class SDPConfig:
     buffer_init: str = "zero"  # first call: zero, constant (current position) or denoise
     clip_x0: float = 1.0  # clamp of the x0 prediction at each step (diffusion_policy's clip)
     levels_per_step: int = 1  # levels each evaluation descends (1: the paper's DDPM; 2+: jumps)
+    update: str = "ddpm"  # per-step rule: ddpm (ancestral, the paper's) or ddim (deterministic)
 
     def __post_init__(self):
         w = (
@@ -52,6 +69,8 @@ class SDPConfig:
             raise ValueError(f"SDP regime weights must be >= 0 and sum to 1, got {w}")
         if self.levels_per_step < 1:
             raise ValueError(f"levels_per_step must be >= 1, got {self.levels_per_step}")
+        if self.update not in UPDATES:
+            raise ValueError(f"update must be one of {tuple(UPDATES)}, got {self.update!r}")
         if self.buffer_init not in BUFFER_INITS:
             raise ValueError(f"buffer_init must be one of {BUFFER_INITS}, got {self.buffer_init!r}")
 
@@ -171,7 +190,7 @@ class StreamingPolicy(ChunkPolicy):
 
     def _step(self, obs: Tensor) -> None:
         """One step of every position from its level k to k - j (j = levels_per_step) with
-        the DDPM posterior of that jump (ancestral skipping; SDP's code also ships DDIM)."""
+        the DDPM posterior of that jump (ancestral skipping) or DDIM (SDP's code ships both)."""
         x, k = self.buffer, self.levels
         t = k.clamp(min=0).float()  # clean (-1) positions are computed, then left as they are
         pred = self.denoiser(x, t, obs)
@@ -179,8 +198,8 @@ class StreamingPolicy(ChunkPolicy):
         x0 = x0.clamp(-self.cfg.clip_x0, self.cfg.clip_x0)
         a_t, s_t = _coeffs(self.denoiser.path, k, x)
         k_next = (k - self.cfg.levels_per_step).clamp(min=-1)
-        mean, std = ddpm_posterior(a_t, s_t, *_coeffs(self.denoiser.path, k_next, x), x, x0)
-        new = mean + std * self._randn(*x.shape)
+        a_s, s_s = _coeffs(self.denoiser.path, k_next, x)
+        new = UPDATES[self.cfg.update](a_t, s_t, a_s, s_s, x, x0, self._randn(*x.shape))
         self.buffer = torch.where(k[..., None] >= 0, new, x)
         self.levels = k_next
         self.nfe += 1
