@@ -1,0 +1,152 @@
+"""Benchmark: the flow-matching CA-backbone teacher (400 Euler steps, as Proteina samples)
+vs SiD few-step students (Xie et al. 2025) at K = 1, 2, 4, 16 steps with noise modulation.
+
+    uv run --package fewstep-protein python benchmarks/protein.py [--samples 64]
+
+One teacher (cached by config) is trained on the real length-64 CA fragments shipped in
+MDAnalysisTests; ``fewstep distill protein-sid`` then trains one student per K, as the paper
+does (each K has its own time grid, ``sampling.paper_times``). Every model then samples the
+same number of backbones from the same noise, timed side by side on one thread with the same
+batch, and every metric of ``metrics.evaluate_backbones`` is computed against the training
+fragments. Extra rows, free of training: the 4-step student without noise modulation
+(noise_scale 1: the paper's ablation) and the teacher's own sampler cut to 4 and 16 steps.
+Writes benchmarks/results/protein.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+STEPS = (1, 2, 4, 16)
+# the benchmark's teacher and distillation settings (recipe options)
+TEACHER = [
+    "--teacher.length", "64", "--teacher.stride", "16", "--teacher.steps", "1500",
+    "--teacher.batch-size", "16", "--teacher.lr", "1e-3", "--teacher.warmup-steps", "100",
+    "--teacher.ema-decay", "0.995", "--teacher.model.layers", "3",
+]  # fmt: skip
+DISTILL = ["--train.steps", "300", "--train.batch-size", "8", "--train.progress", "false"]
+COLUMNS = {  # table column -> metric key (see fewstep.protein.metrics)
+    "NFE": "nfe",
+    "samples/s": "samples_per_second",
+    "speed-up": "speedup",
+    "CA-CA MAD (Å)": "ca_ca_mad",
+    "CA-CA off (frac)": "ca_ca_frac_outside",
+    "clash rate": "clash_rate",
+    "Rg / expected": "rg_ratio",
+    "helix": "helix",
+    "strand": "strand",
+    "coil": "coil",
+    "SSE TV vs train": "sse_tv",
+    "pairwise RMSD (Å)": "pairwise_rmsd",
+    "clusters (frac)": "cluster_frac_rmsd",
+    "novelty RMSD (Å)": "novelty_rmsd",
+}
+
+
+def distill(k: int, out: Path, samples: int) -> dict:
+    from fewstep.core import cli
+
+    args = ["distill", "protein-sid", "--out", str(out), "--student-steps", str(k),
+            "--eval.samples", str(samples), "--eval.teacher", "false",
+            *TEACHER, *DISTILL]  # fmt: skip
+    t0 = time.perf_counter()
+    if cli.main(args) != 0:
+        raise RuntimeError(f"protein-sid K={k} failed")
+    m = json.loads((out / "metrics.json").read_text())
+    m["wall_seconds"] = time.perf_counter() - t0
+    return m
+
+
+def evaluate(name, model, sampler, ca, samples: int, batch: int, seed: int) -> dict:
+    from fewstep.protein.metrics import evaluate_backbones
+    from fewstep.protein.recipes.sid import SID, _nfe
+
+    x, seconds = SID.generate(sampler, model, samples, ca.shape[1], batch, seed)
+    m = evaluate_backbones(x, ca)
+    m.update(samples_per_second=samples / seconds, nfe=_nfe(sampler, model), seconds=seconds)
+    print(f"{name}: {m['samples_per_second']:.3g} samples/s, NFE {m['nfe']}", flush=True)
+    return m
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--samples", type=int, default=32, help="backbones per model")
+    ap.add_argument("--seed", type=int, default=1234, help="sampling noise (same for all)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "protein.json")
+    ap.add_argument("--runs", type=Path, default=None, help="keep (and reuse) run folders here")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    t0 = time.time()
+    from fewstep.protein.recipes.sid import SID
+    from fewstep.protein.teacher import ProteinaSampler
+
+    runs: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.runs or Path(tmp)
+        for k in STEPS:
+            done = root / f"sid_k{k}" / "metrics.json"
+            if done.exists():  # a kept run folder (--runs): evaluate it again, do not retrain
+                runs[f"K={k}"] = json.loads(done.read_text())
+                continue
+            runs[f"K={k}"] = distill(k, root / f"sid_k{k}", args.samples)
+            print(f"distilled K={k} in {runs[f'K={k}']['wall_seconds']:.0f} s", flush=True)
+        # side by side: same noise, same batch, one thread
+        rows, results = [], {}
+        cfg, teacher, _, _, ca = SID.load(root / f"sid_k{STEPS[0]}")
+        torch.set_num_threads(1)
+        b = args.samples
+        results["teacher (400 Euler)"] = evaluate(
+            "teacher", teacher, ProteinaSampler(400, cfg.teacher.schedule_p), ca, b, b, args.seed
+        )
+        for k in STEPS:
+            _, _, student, meta, _ = SID.load(root / f"sid_k{k}")
+            sampler = SID.eval_sampler(cfg, meta["times"], meta["noise_scale"])
+            name = "SiD K=1 (one step: unmodulated)" if k == 1 else f"SiD K={k}, noise 0.45"
+            results[name] = evaluate(f"K={k}", student, sampler, ca, b, b, args.seed)
+            if k == 4:  # the paper's ablation: no noise modulation
+                plain = SID.eval_sampler(cfg, meta["times"], 1.0)
+                results["SiD K=4, noise 1.0 (no modulation)"] = evaluate(
+                    "K=4 plain", student, plain, ca, b, b, args.seed
+                )
+        for n in (4, 16):  # the teacher's sampler cut short
+            results[f"teacher ({n} Euler)"] = evaluate(
+                f"teacher {n}", teacher, ProteinaSampler(n, cfg.teacher.schedule_p), ca, b, b,
+                args.seed,
+            )  # fmt: skip
+    base = results["teacher (400 Euler)"]["samples_per_second"]
+    for name, m in results.items():
+        m["speedup"] = m["samples_per_second"] / base
+        rows.append({"model": name, **{c: m.get(key) for c, key in COLUMNS.items()}})
+    t400 = results["teacher (400 Euler)"]
+    ref = {k: t400[f"ref_{k}"] for k in ("helix", "strand", "coil")}
+    rows.append({"model": "training fragments", **ref, "Rg / expected": t400["ref_rg_ratio"]})
+    report = {
+        "machine": f"{platform.machine()} {platform.processor()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s)",
+        "samples": args.samples,
+        "teacher_options": TEACHER,
+        "distill_options": DISTILL,
+        "rows": rows,
+        "results": results,
+        "runs": runs,
+        "seconds": time.time() - t0,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=str))
+    keys = ["model", *COLUMNS]
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(fmt(r.get(k)) for k in keys) + " |")
+    print(f"\n{report['machine']}; {report['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Recipes of fewstep-protein (entry points in the ``fewstep.recipes`` group)."""

@@ -1,0 +1,375 @@
+"""``fewstep distill protein-sid``: a few-step CA-backbone generator distilled from the
+flow-matching teacher with Score identity Distillation, sampled with noise modulation.
+
+Xie et al., "Distilled Protein Backbone Generation" (2025; LY-Xie/SiD_Protein) adapt SiD
+(Zhou et al., ICML 2024) to Proteina. What this recipe takes from the paper, and where:
+
+- the loss is core's SiD (``fewstep.core.objectives.sid``: ``sid_generator_loss`` with
+  alpha = 1.2, the fake score trained 1:1 with the denoising loss, a K-step student matched
+  as the uniform mixture of its steps through backward simulation);
+- the student and fake score start from the teacher (``sid_training_loop.py``);
+- the student's K times are the paper's log-spaced grid and its training rollouts re-noise
+  with noise_scale 1 (``sid_utils.generator_step``); at inference the re-noising noise is
+  scaled by ``noise_scale`` (0.45) — the noise modulation the paper found essential
+  (``sampling.py``);
+- generator-loss times: t_P = 1 - 10^(-2 s / 400), s uniform on {0..400}, clamped to
+  [0.02, 0.98] (``SID_ProteinaLoss.generator_loss``), i.e. core time t = 10^(-2 s / 400)
+  (``PaperLossTimes``); fake-score times follow Proteina's training density
+  (``model.ProteinaFlow``);
+- normalisation: the paper divides by the per-sample *sum* |x_g - y_real| and by the residue
+  count; core divides by the per-sample *mean* and averages over elements: the same loss up
+  to one constant factor (3 L / L = 3) that Adam absorbs.
+
+Core's SiD draws generator-loss times as ``path.fraction_to_t`` of a uniform fraction in
+``t_range``; the paper's log-spaced draw is injected by giving the objective a path view
+whose ``fraction_to_t`` is the paper's map (``ProteinSiD.path``); the SiD math is core's.
+
+The run folder gets ``student.safetensors`` (+ ``student.json``: times, noise scale),
+``metrics.json`` (``metrics.evaluate_backbones`` of student and teacher samples against the
+training fragments, samples/s of each on the same batch), PDB files of a few samples under
+``samples/`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fewstep.core.objectives.sid import SiD, SiDConfig
+from fewstep.core.training import TrainConfig
+from fewstep.protein.model import ProteinaFlow
+from fewstep.protein.teacher import TeacherConfig
+
+STUDENT_FILE = "student.safetensors"
+
+
+# --------------------------------------------------------------------------- objective
+
+
+@dataclass
+class LossTimesConfig:
+    decades: float = 2.0  # t spans 10^-decades .. 1 before clamping
+    grid: int = 400  # number of discrete levels (paper: --t 400)
+    clamp: tuple[float, float] = (0.02, 0.98)  # generator-loss time range (paper tmin, tmax)
+
+
+class PaperLossTimes(ProteinaFlow):
+    """A view of the teacher's path for SiD's generator-loss times only: a fraction f in
+    [0, 1) maps to s = floor((1 - f) (grid + 1)) (uniform on {0..grid} for uniform f) and
+    t = 10^(-decades s / grid), clamped to ``clamp`` (paper: grid 400, 2 decades,
+    [0.02, 0.98]). Forward process and conversions are the rectified flow's."""
+
+    def __init__(self, cfg: LossTimesConfig | None = None):
+        super().__init__()
+        self.times_cfg = cfg = cfg or LossTimesConfig()
+        lo, hi = cfg.clamp
+        if not 0.0 < lo <= hi <= 1.0 or cfg.grid < 1 or cfg.decades <= 0:
+            raise ValueError(
+                f"loss times need 0 < clamp[0] <= clamp[1] <= 1, grid >= 1, decades > 0; got {cfg}"
+            )
+
+    def fraction_to_t(self, f):
+        cfg = self.times_cfg
+        f = torch.as_tensor(f, dtype=torch.float32)
+        s = torch.floor((1.0 - f) * (cfg.grid + 1)).clamp(0, cfg.grid)
+        return (10.0 ** (-cfg.decades * s / cfg.grid)).clamp(*cfg.clamp)
+
+
+class ProteinSiD(SiD):
+    """Core's SiD with the protein paper's student sampler (backward simulation on its time
+    grid) and generator-loss time draw (module docstring). Nothing of the loss is changed."""
+
+    def __init__(self, teacher, config: SiDConfig, sampler, loss_times: PaperLossTimes):
+        super().__init__(teacher, config)
+        self._sampler = sampler
+        self._loss_times = loss_times
+
+    @property
+    def path(self):
+        # only SiD.losses reads self.path: to draw and apply the generator-loss noise
+        return self._loss_times
+
+    def student_sampler(self):
+        return self._sampler
+
+
+# ------------------------------------------------------------------------------ config
+
+
+@dataclass
+class EvalConfig:
+    samples: int = 64  # backbones sampled from the student and from the teacher
+    batch: int = 64  # samples per sampler call (same batch for both when timing)
+    teacher: bool = True  # also sample the teacher (its many-step sampler) for comparison
+    export: int = 4  # PDB files written per model under samples/
+    seed: int = 1234  # sampling noise
+
+
+def _train(**kw) -> TrainConfig:
+    base = dict(steps=1000, batch_size=16, lr=2e-4, ema_decay=0.99, log_every=50)
+    return TrainConfig(**{**base, **kw})
+
+
+@dataclass
+class SiDProteinConfig:
+    objective: str = "sid"  # core objective (only sid is supported)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # teacher and its data
+    student_steps: int = 4  # K: network evaluations per backbone
+    noise_scale: float = 0.45  # inference-time noise modulation (paper scripts: 0.45)
+    train_noise_scale: float = 1.0  # re-noising scale in training rollouts (paper: 1.0)
+    sampler: str = "noise_modulated"  # student sampler (sampling.STUDENT_SAMPLERS)
+    loss_times: LossTimesConfig = field(default_factory=LossTimesConfig)  # generator-loss t
+    train: TrainConfig = field(default_factory=_train)  # distillation loop
+    eval: EvalConfig = field(default_factory=EvalConfig)  # sampling and metrics
+    threads: int = 1  # torch CPU threads (0 = torch's default)
+    device: str = "auto"  # cpu, cuda, or auto
+
+
+def _device(name: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+# ------------------------------------------------------------------------------ recipe
+
+
+class SIDRecipe:
+    name = "protein-sid"
+    summary = "SiD few-step CA-backbone generator with noise modulation (Xie et al. 2025)"
+    config_cls = SiDProteinConfig
+    supported_objectives = ("sid",)
+
+    def unsupported_reason(self, objective: str) -> str:
+        return "this recipe is the SiD protein method; other objectives have no protein recipe"
+
+    def objective_defaults(self, objective: str) -> dict[str, Any]:
+        # alpha: SiD / the protein paper's 1.2; t_range: the whole log range of PaperLossTimes
+        return {"alpha": 1.2, "t_range": (0.0, 1.0)}
+
+    # --- pieces ---------------------------------------------------------------------------
+    @staticmethod
+    def student_times(cfg: SiDProteinConfig, steps: int | None = None) -> list[float]:
+        from fewstep.protein.sampling import paper_times
+
+        return paper_times(cfg.student_steps if steps is None else steps)
+
+    @staticmethod
+    def check(cfg: SiDProteinConfig, obj_cfg: SiDConfig) -> None:
+        """Clear errors for settings this recipe owns (before any training starts)."""
+        if obj_cfg.student_times:
+            raise ValueError(
+                "protein-sid sets the student's times from --student_steps (the paper's "
+                "grid); leave --objective.student_times empty"
+            )
+        if cfg.student_steps < 1:
+            raise ValueError(f"--student_steps must be >= 1, got {cfg.student_steps}")
+
+    def build_objective(self, cfg: SiDProteinConfig, obj_cfg: SiDConfig, teacher) -> ProteinSiD:
+        from fewstep.protein.sampling import make_student_sampler
+
+        self.check(cfg, obj_cfg)
+        obj_cfg = dataclasses.replace(obj_cfg, student_steps=cfg.student_steps)
+        times = self.student_times(cfg)
+        sampler = make_student_sampler(cfg.sampler, times, cfg.train_noise_scale)
+        return ProteinSiD(teacher, obj_cfg, sampler, PaperLossTimes(cfg.loss_times))
+
+    def eval_sampler(self, cfg: SiDProteinConfig, times, noise_scale: float | None = None):
+        from fewstep.protein.sampling import make_student_sampler
+
+        gen = torch.Generator().manual_seed(cfg.eval.seed + 1)
+        scale = cfg.noise_scale if noise_scale is None else noise_scale
+        if len(times) == 1:  # the paper's one-step generator is not modulated (generate_onestep)
+            scale = 1.0
+        return make_student_sampler(cfg.sampler, times, scale, gen)
+
+    # --- distill ------------------------------------------------------------------------
+    def distill(self, cfg: SiDProteinConfig, obj_cfg: SiDConfig, out_dir: Path) -> dict:
+        from fewstep.core.io import atomic_write_json
+        from fewstep.core.models import trainable_copy
+        from fewstep.core.training import Trainer
+        from fewstep.protein.teacher import (
+            AugmentedFragments,
+            load_teacher,
+            load_training_fragments,
+        )
+
+        self.check(cfg, obj_cfg)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        out_dir = Path(out_dir)
+        teacher, tinfo = load_teacher(cfg.teacher, progress=cfg.train.progress)
+        ca = load_training_fragments(cfg.teacher.length, cfg.teacher.stride)
+        objective = self.build_objective(cfg, obj_cfg, teacher)
+        t0 = time.perf_counter()
+        trainer = Trainer(
+            objective,
+            trainable_copy(teacher),
+            AugmentedFragments(ca),  # SiD is data-free: only the sample shape is used
+            cfg.train,
+            out_dir,
+            device=_device(cfg.device),
+        )
+        trainer.fit()
+        train_seconds = time.perf_counter() - t0
+        student = (trainer.ema if trainer.ema is not None else trainer.roles["student"]).cpu()
+        meta = {
+            "times": self.student_times(cfg),
+            "noise_scale": cfg.noise_scale,
+            "sampler": cfg.sampler,
+            "length": cfg.teacher.length,
+            "alpha": obj_cfg.alpha,
+        }
+        self._save(out_dir, student, meta)
+        metrics = self._evaluate(cfg, teacher.cpu(), student.eval(), meta, ca, out_dir)
+        metrics.update(teacher_info=tinfo, train_seconds=train_seconds)
+        atomic_write_json(out_dir / "metrics.json", metrics)
+        self.report(out_dir)
+        return {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+
+    def _save(self, out_dir: Path, student, meta: dict) -> None:
+        from safetensors.torch import save
+
+        from fewstep.core.io import atomic_write_bytes, atomic_write_json
+
+        state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
+        atomic_write_bytes(out_dir / STUDENT_FILE, save(state))
+        atomic_write_json(out_dir / "student.json", meta)
+
+    def load(self, run_dir: Path):
+        """(config, teacher, student, meta, training fragments Å) of a run folder."""
+        from safetensors.torch import load_file
+
+        from fewstep.core.cli import RUN_CONFIG
+        from fewstep.core.config import from_dict
+        from fewstep.protein.model import build_denoiser
+        from fewstep.protein.teacher import load_teacher, load_training_fragments
+
+        run_dir = Path(run_dir)
+        resolved = json.loads((run_dir / RUN_CONFIG).read_text())
+        cfg = from_dict(self.config_cls, resolved["config"])
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        teacher, _ = load_teacher(cfg.teacher)
+        student = build_denoiser(cfg.teacher.model)
+        student.load_state_dict(load_file(str(run_dir / STUDENT_FILE)))
+        meta = json.loads((run_dir / "student.json").read_text())
+        ca = load_training_fragments(cfg.teacher.length, cfg.teacher.stride)
+        return cfg, teacher, student.eval().requires_grad_(False), meta, ca
+
+    # --- sampling and evaluation ------------------------------------------------------------
+    @staticmethod
+    def generate(sampler, denoiser, n: int, length: int, batch: int, seed: int):
+        """(n, length, 3) samples in Å and the seconds spent in the sampler."""
+        from fewstep.protein.model import NM_PER_ANGSTROM
+
+        gen = torch.Generator().manual_seed(seed)
+        out, seconds = [], 0.0
+        for i in range(0, n, batch):
+            noise = torch.randn(min(batch, n - i), length, 3, generator=gen)
+            t0 = time.perf_counter()
+            x = sampler.sample(denoiser, noise).x
+            seconds += time.perf_counter() - t0
+            out.append(x / NM_PER_ANGSTROM)
+        return torch.cat(out), seconds
+
+    def _evaluate(self, cfg, teacher, student, meta, ca: Tensor, out_dir: Path) -> dict:
+        from fewstep.protein.metrics import evaluate_backbones
+        from fewstep.protein.teacher import teacher_sampler
+
+        ev, length = cfg.eval, cfg.teacher.length
+        models = {"student": (student, self.eval_sampler(cfg, meta["times"], meta["noise_scale"]))}
+        if ev.teacher:
+            gen = torch.Generator().manual_seed(ev.seed + 2)
+            models["teacher"] = (teacher, teacher_sampler(cfg.teacher, gen))
+        out: dict[str, Any] = {"method": self.name, "length": length, "samples": ev.samples}
+        with torch.no_grad():
+            for name, (model, sampler) in models.items():
+                x, seconds = self.generate(sampler, model, ev.samples, length, ev.batch, ev.seed)
+                m = {k: _plain(v) for k, v in evaluate_backbones(x, ca).items()}
+                m["samples_per_second"] = ev.samples / max(seconds, 1e-9)
+                m["nfe"] = _nfe(sampler, model)
+                out[name] = m
+                self._export(x[: ev.export], out_dir / "samples", name)
+        if "teacher" in out:
+            out["speedup"] = out["student"]["samples_per_second"] / max(
+                out["teacher"]["samples_per_second"], 1e-12
+            )
+        return out
+
+    @staticmethod
+    def _export(x: Tensor, folder: Path, prefix: str) -> list[Path]:
+        from fewstep.protein.export import write_structure
+
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, ca in enumerate(x):
+            paths.append(Path(write_structure(folder / f"{prefix}_{i:03d}.pdb", ca.numpy())))
+        return paths
+
+    # --- CLI commands -------------------------------------------------------------------
+    def sample(self, run_dir: Path, n: int, out: Path | None, steps: int | None = None) -> Path:
+        """Write ``n`` student backbones as PDB files into ``out`` (a folder; default
+        ``run_dir/samples_<n>``). ``steps`` other than the trained K uses the paper's grid
+        for that K (a student is trained for its own grid; other K are off-distribution)."""
+        cfg, _, student, meta, _ = self.load(run_dir)
+        times = meta["times"] if steps is None else self.student_times(cfg, steps)
+        sampler = self.eval_sampler(cfg, times, meta["noise_scale"])
+        with torch.no_grad():
+            x, _ = self.generate(sampler, student, n, cfg.teacher.length, cfg.eval.batch, 0)
+        folder = Path(out) if out is not None else Path(run_dir) / f"samples_{n}"
+        self._export(x, folder, "student")
+        return folder
+
+    def evaluate(self, run_dir: Path) -> dict:
+        cfg, teacher, student, meta, ca = self.load(run_dir)
+        return self._evaluate(cfg, teacher, student, meta, ca, Path(run_dir))
+
+    def report(self, run_dir: Path) -> Path:
+        from fewstep.core.report import Report
+
+        run_dir = Path(run_dir)
+        m = json.loads((run_dir / "metrics.json").read_text())
+        rep = Report(run_dir, f"fewstep {self.name}")
+        rows = [{"model": k, **m[k]} for k in ("student", "teacher") if k in m]
+        rep.add_table(f"Samples of length {m['length']} (n = {m['samples']})", rows)
+        if "speedup" in m:
+            rep.add_text(
+                "Speed",
+                f"student {m['student']['nfe']} NFE vs teacher {m['teacher']['nfe']} NFE: "
+                f"{m['speedup']:.1f}x more samples per second (same batch, same thread count).",
+            )
+        files = (
+            sorted((run_dir / "samples").glob("*.pdb")) if (run_dir / "samples").exists() else []
+        )
+        if files:
+            rep.add_text("Exported structures", "\n".join(f.name for f in files))
+        return rep.write()
+
+
+def _nfe(sampler, model) -> int:
+    """Network evaluations per sample of ``sampler``."""
+    times = getattr(sampler, "times", None)
+    if hasattr(times, "numel"):  # the teacher's schedule has steps + 1 points
+        return (int(times.numel()) - 1) * model.evals_per_call
+    return len(times) * model.evals_per_call
+
+
+def _plain(v):
+    """JSON-ready metric value."""
+    if isinstance(v, Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    if hasattr(v, "item") and not isinstance(v, (list, dict)):
+        try:
+            return v.item()
+        except (ValueError, AttributeError):
+            return v
+    return v
+
+
+SID = SIDRecipe()

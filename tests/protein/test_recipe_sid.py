@@ -1,0 +1,182 @@
+"""``fewstep distill protein-sid`` end to end on CPU with tiny settings, and the pieces the
+recipe adds to core's SiD: the alpha term reaches core's loss, the paper's generator-loss
+times, the training and inference samplers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from fewstep.core import cli
+from fewstep.core.batch import Batch, StepRNG
+from fewstep.core.objectives import sid as core_sid
+from fewstep.core.objectives.common import sample_times
+from fewstep.core.objectives.sid import SiDConfig
+from fewstep.protein.model import BackboneTransformerConfig, build_denoiser
+from fewstep.protein.recipes.sid import SID, SiDProteinConfig
+from fewstep.protein.sampling import NoiseModulatedSampler, paper_times
+from fewstep.protein.teacher import TeacherConfig
+
+TINY = [
+    "--teacher.length", "16", "--teacher.stride", "16", "--teacher.steps", "20",
+    "--teacher.batch-size", "16", "--teacher.sample-steps", "8",
+    "--teacher.model.dim", "16", "--teacher.model.pair-dim", "8", "--teacher.model.heads", "2",
+    "--teacher.model.layers", "1", "--teacher.model.cond-dim", "16",
+    "--teacher.model.rbf-bins", "8",
+    "--student-steps", "2", "--train.steps", "3", "--train.batch-size", "4",
+    "--eval.samples", "4", "--eval.batch", "4", "--eval.export", "2",
+    "--train.progress", "false",
+]  # fmt: skip
+NET = BackboneTransformerConfig(dim=16, pair_dim=8, heads=2, layers=1, cond_dim=16, rbf_bins=8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FEWSTEP_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
+def test_distill_writes_student_metrics_and_pdb_files(tmp_path, cache, capsys):
+    from fewstep.protein.export import read_back
+
+    out = tmp_path / "run"
+    assert cli.main(["distill", "protein-sid", "--out", str(out), *TINY]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    for who, nfe in (("student", 2), ("teacher", 8)):
+        s = m[who]
+        assert s["nfe"] == nfe and s["samples_per_second"] > 0
+        for key in ("ca_ca_mad", "clash_rate", "rg_ratio", "sse_tv", "novelty_rmsd"):
+            assert key in s, key
+    assert m["speedup"] > 0
+    meta = json.loads((out / "student.json").read_text())
+    assert meta["times"] == pytest.approx(paper_times(2)) and meta["noise_scale"] == 0.45
+    assert (out / "student.safetensors").exists() and (out / "report.html").exists()
+    files = sorted((out / "samples").glob("*.pdb"))
+    assert len(files) == 4  # 2 student + 2 teacher
+    for f in files:
+        atoms = read_back(f)
+        assert (atoms.atom_name == "CA").sum() == 16 and len(set(atoms.res_id)) == 16
+    # the saved student reloads and runs through the CLI commands
+    capsys.readouterr()
+    assert cli.main(["sample", str(out), "--n", "3", "--out", str(tmp_path / "s")]) == 0
+    written = sorted((tmp_path / "s").glob("*.pdb"))
+    assert len(written) == 3 and (read_back(written[0]).atom_name == "CA").sum() == 16
+    capsys.readouterr()
+    assert cli.main(["eval", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["student"]["nfe"] == 2
+
+
+def test_other_objectives_and_student_times_are_refused(tmp_path, cache, capsys):
+    assert cli.main(["distill", "protein-sid", "--out", str(tmp_path), "--objective", "dmd"]) == 2
+    assert "supported: sid" in capsys.readouterr().err
+    args = ["distill", "protein-sid", "--out", str(tmp_path / "b"), *TINY,
+            "--objective.student-times", "1.0,0.5"]  # fmt: skip
+    assert cli.main(args) == 2
+    assert "student_steps" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- objective
+
+
+def _objective(alpha: float = 1.2, steps: int = 2):
+    cfg = SiDProteinConfig(teacher=TeacherConfig(length=10, model=NET), student_steps=steps)
+    obj_cfg = dataclasses.replace(SiDConfig(), **{**SID.objective_defaults("sid"), "alpha": alpha})
+    teacher = build_denoiser(NET, seed=0).requires_grad_(False).eval()
+    return cfg, SID.build_objective(cfg, obj_cfg, teacher), teacher
+
+
+def _batch(step: int = 0, size: int = 6) -> Batch:
+    return Batch(None, None, StepRNG(7, step, 0, size, 0, size), {"sample_shape": (10, 3)})
+
+
+def _roles(objective, teacher):
+    from fewstep.core.models import trainable_copy
+
+    roles = objective.build_roles(trainable_copy(teacher), _batch())
+    with torch.no_grad():  # a fake score unlike the teacher, so y_real != y_fake
+        for p in roles["fake_score"].parameters():
+            p.add_(0.05 * torch.randn_like(p, generator=None))
+    return roles
+
+
+def test_alpha_reaches_core_sid_loss(monkeypatch):
+    """The recipe's objective computes core's ``sid_generator_loss`` with the configured
+    alpha; the alpha term changes the loss (removing it would fail this test)."""
+    torch.manual_seed(0)
+    seen = []
+    real = core_sid.sid_generator_loss
+
+    def spy(x, y_real, y_fake, alpha):
+        seen.append((x.detach(), y_real.detach(), y_fake.detach(), alpha))
+        return real(x, y_real, y_fake, alpha)
+
+    monkeypatch.setattr(core_sid, "sid_generator_loss", spy)
+    _, objective, teacher = _objective(alpha=1.2)
+    roles = _roles(objective, teacher)
+    losses, _ = objective.losses(roles, _batch(), ["student"], 0)
+    (x, y_real, y_fake, alpha), = seen  # fmt: skip
+    assert alpha == 1.2
+    torch.testing.assert_close(losses["student"].detach(), real(x, y_real, y_fake, 1.2))
+    gap = (real(x, y_real, y_fake, 1.2) - real(x, y_real, y_fake, 0.0)).abs().item()
+    assert gap > 1e-6
+    # the alpha term is -alpha * |y_real - y_fake|^2 / w, exactly
+    w = (x - y_real).abs().mean(dim=(1, 2), keepdim=True)
+    torch.testing.assert_close(
+        real(x, y_real, y_fake, 1.2) - real(x, y_real, y_fake, 0.0),
+        (-1.2 * (y_real - y_fake) ** 2 / w).mean(),
+    )
+
+
+def test_alpha_changes_the_student_gradient():
+    grads = {}
+    for alpha in (1.2, 0.0):
+        torch.manual_seed(0)
+        _, objective, teacher = _objective(alpha=alpha)
+        roles = _roles(objective, teacher)
+        losses, _ = objective.losses(roles, _batch(), ["student"], 0)
+        losses["student"].backward()
+        grads[alpha] = torch.cat(
+            [p.grad.flatten() for p in roles["student"].parameters() if p.grad is not None]
+        )
+    assert not torch.allclose(grads[1.2], grads[0.0], atol=1e-8)
+
+
+def test_generator_loss_times_follow_the_paper():
+    """t = 10^(-2 s / 400), s uniform on 0..400, clamped to [0.02, 0.98]: 61 of the 401
+    levels fall below 0.02 and are clamped there."""
+    _, objective, _ = _objective()
+    t = sample_times(objective.path, _batch(size=40_000), objective.config.t_range)
+    assert t.min() == pytest.approx(0.02) and t.max() == pytest.approx(0.98)
+    assert (t == t.min()).float().mean().item() == pytest.approx(61 / 401, abs=0.01)
+    s = torch.round(-400 / 2 * torch.log10(t[(t > 0.02) & (t < 0.98)].double()))
+    torch.testing.assert_close(10 ** (-2 * s / 400), t[(t > 0.02) & (t < 0.98)].double(),
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    # the path view changes only the time draw: noising is the teacher's rectified flow
+    x0, eps, tt = torch.randn(2, 10, 3), torch.randn(2, 10, 3), torch.tensor([0.3, 0.6])
+    torch.testing.assert_close(
+        objective.path.noise(x0, tt, eps), objective.teacher.path.noise(x0, tt, eps)
+    )
+
+
+def test_training_and_inference_samplers():
+    cfg, objective, _ = _objective(steps=4)
+    train = objective.student_sampler()
+    assert isinstance(train, NoiseModulatedSampler)
+    assert train.times == pytest.approx(paper_times(4)) and train.noise_scale == 1.0
+    assert objective.config.student_steps == 4 and objective.config.alpha == 1.2
+    infer = SID.eval_sampler(cfg, paper_times(4))
+    assert infer.noise_scale == 0.45
+    assert SID.eval_sampler(cfg, paper_times(1)).noise_scale == 1.0  # paper: one step plain
