@@ -1,0 +1,1 @@
+"""Recipes of fewstep-video (entry points in pyproject)."""

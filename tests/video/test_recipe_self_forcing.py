@@ -1,0 +1,53 @@
+"""``fewstep distill video-self-forcing`` end to end on CPU with tiny settings: teacher trained
+and cached, ODE-pair init, self-forcing DMD, streaming vs teacher evaluation, saved student,
+sample / eval / report commands."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from fewstep.core import cli
+
+TINY = [
+    "--teacher.data.videos", "12", "--teacher.data.frames", "4", "--teacher.data.size", "16",
+    "--teacher.dim", "32", "--teacher.depth", "1", "--teacher.heads", "2",
+    "--teacher.steps", "3", "--teacher.batch_size", "4",
+    "--chunk_frames", "2", "--window", "1",
+    "--init.num_pairs", "8", "--init.teacher_steps", "4",
+    "--init.train.steps", "3", "--init.train.batch_size", "4", "--init.train.progress", "false",
+    "--dmd.student_steps", "2", "--dmd.first_chunk_steps", "3",
+    "--dmd.fake_updates_per_student", "2",
+    "--train.steps", "3", "--train.batch_size", "2", "--train.progress", "false",
+    "--eval.samples", "2", "--eval.teacher_steps", "4", "--eval.long_chunks", "4",
+]  # fmt: skip
+
+
+def test_recipe_distills_streams_and_reports(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    before = torch.get_num_threads()
+    out = tmp_path / "run"
+    try:
+        assert cli.main(["distill", "video-self-forcing", "--out", str(out), *TINY]) == 0
+        m = json.loads((out / "metrics.json").read_text())
+        # 2 chunks: chunk 0 with 3 steps (FFE), chunk 1 with 2, one cache pass between them
+        assert m["student_denoise_nfe_per_video"] == 5 and m["student_context_nfe_per_video"] == 1
+        assert m["student_nfe_per_frame"] == 3.0
+        assert m["teacher_nfe_per_frame"] == 4 * 2  # 4 Euler steps under CFG
+        assert m["nfe_reduction"] > 1
+        assert m["student_first_chunk_latency"] > 0 and m["student_frames_per_second"] > 0
+        assert len(m["long_chunk_seconds"]) == 4
+        for name in ("student.safetensors", "report.html", "samples_student.gif",
+                     "samples_teacher.gif", "samples_long.mp4", "frames_student.png"):  # fmt: skip
+            assert (out / name).exists(), name
+        assert (out / "init" / "checkpoints").exists() and (out / "dmd" / "checkpoints").exists()
+        assert cli.main(["sample", str(out), "--n", "2"]) == 0
+        assert (out / "samples_2.gif").exists()
+        assert cli.main(["eval", str(out)]) == 0
+        assert cli.main(["report", str(out)]) == 0
+        # a window below -1 is a clear error
+        bad = ["distill", "video-self-forcing", "--out", str(tmp_path / "bad"), *TINY]
+        assert cli.main([*bad, "--window", "-2"]) == 2
+    finally:
+        torch.set_num_threads(before)
