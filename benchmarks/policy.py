@@ -4,7 +4,8 @@ one-step consistency and DMD2 students on ReachAround, in closed loop on the sam
     uv run --package fewstep-policy python benchmarks/policy.py [--episodes 100]
 
 Runs ``fewstep distill policy-sdp``, ``policy-consistency`` and ``policy-dmd`` with their
-defaults, plus SDP descending two levels per evaluation and a two-step consistency student
+defaults, plus SDP descending two levels per evaluation, SDP with the paper's ancestral (DDPM)
+update instead of the default DDIM one, and a two-step consistency student
 (one cached teacher trained on 200 scripted demonstrations); the teacher is rolled out once,
 in the first run. Reports success rate, mode fractions against the expert's (and
 their total-variation distance), NFE per action, and single-environment milliseconds per
@@ -26,6 +27,7 @@ import torch
 RUNS = (
     ("sdp", "policy-sdp", []),
     ("sdp, 2 levels per step", "policy-sdp", ["--sdp.levels-per-step", "2"]),
+    ("sdp, DDPM update (paper)", "policy-sdp", ["--sdp.update", "ddpm"]),
     ("consistency", "policy-consistency", []),
     ("consistency, 2 steps", "policy-consistency", ["--objective.student-steps", "2"]),
     ("dmd", "policy-dmd", []),

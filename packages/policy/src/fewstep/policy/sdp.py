@@ -56,7 +56,9 @@ class SDPConfig:
     buffer_init: str = "zero"  # first call: zero, constant (current position) or denoise
     clip_x0: float = 1.0  # clamp of the x0 prediction at each step (diffusion_policy's clip)
     levels_per_step: int = 1  # levels each evaluation descends (1: the paper's DDPM; 2+: jumps)
-    update: str = "ddpm"  # per-step rule: ddpm (ancestral, the paper's) or ddim (deterministic)
+    # per-step rule: ddim (deterministic; 0.92 vs ddpm's 0.80 success on ReachAround, same
+    # network, BENCHMARKS.md) or ddpm (ancestral, the paper's); SDP's code ships both
+    update: str = "ddim"
 
     def __post_init__(self):
         w = (
