@@ -29,8 +29,6 @@ from fewstep.core.training import TrainConfig
 from fewstep.policy.sdp import SDPConfig
 from fewstep.policy.teacher import ACT_DIM, HorizonConfig, TeacherConfig
 
-STUDENT_FILE = "student.safetensors"
-
 
 @dataclass
 class EvalConfig:
@@ -160,37 +158,22 @@ class _PolicyRecipe:
         return {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
 
     def _save(self, out_dir: Path, student, normalizer, meta: dict) -> None:
-        from safetensors.torch import save
+        from fewstep.core.rundir import save_student
 
-        from fewstep.core.io import atomic_write_bytes, atomic_write_json
-
-        state = {
-            f"student.{k}": v.detach().cpu().contiguous() for k, v in student.state_dict().items()
-        }
-        state.update({f"normalizer.{k}": v for k, v in normalizer.state_dict().items()})
-        atomic_write_bytes(out_dir / STUDENT_FILE, save(state))
-        atomic_write_json(out_dir / "student.json", meta)
+        save_student(out_dir, {"student": student, "normalizer": normalizer.state_dict()}, meta)
 
     def load(self, run_dir: Path):
         """(config, teacher, student denoiser to sample, meta, normalizer, demonstrations)."""
-        from safetensors.torch import load_file
-
-        from fewstep.core.cli import RUN_CONFIG
-        from fewstep.core.config import from_dict
+        from fewstep.core.rundir import load_run_config, load_student
         from fewstep.policy.data import Normalizer
         from fewstep.policy.teacher import build_denoiser, load_teacher
 
-        run_dir = Path(run_dir)
-        resolved = json.loads((run_dir / RUN_CONFIG).read_text())
-        cfg = from_dict(self.config_cls, resolved["config"])
+        cfg, resolved = load_run_config(run_dir, self.config_cls)
         teacher, _, episodes, _ = load_teacher(cfg.teacher, cfg.horizons, progress=False)
-        state = load_file(str(run_dir / STUDENT_FILE))
+        state, meta = load_student(run_dir, "student")
         student = build_denoiser(cfg.teacher, cfg.horizons)
-        student.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("student.")})
-        norm = Normalizer.from_state_dict(
-            {k[11:]: v for k, v in state.items() if k.startswith("normalizer.")}
-        )
-        meta = json.loads((run_dir / "student.json").read_text())
+        student.load_state_dict(state)
+        norm = Normalizer.from_state_dict(load_student(run_dir, "normalizer")[0])
         student = self.wrap(cfg, resolved["objective_config"], teacher, student.eval())
         return cfg, teacher, student, meta, norm, episodes
 

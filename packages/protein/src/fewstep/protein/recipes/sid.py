@@ -47,9 +47,6 @@ from fewstep.core.training import TrainConfig
 from fewstep.protein.model import ProteinaFlow
 from fewstep.protein.teacher import TeacherConfig
 
-STUDENT_FILE = "student.safetensors"
-
-
 # --------------------------------------------------------------------------- objective
 
 
@@ -233,32 +230,23 @@ class SIDRecipe:
         return {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
 
     def _save(self, out_dir: Path, student, meta: dict) -> None:
-        from safetensors.torch import save
+        from fewstep.core.rundir import save_student
 
-        from fewstep.core.io import atomic_write_bytes, atomic_write_json
-
-        state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
-        atomic_write_bytes(out_dir / STUDENT_FILE, save(state))
-        atomic_write_json(out_dir / "student.json", meta)
+        save_student(out_dir, {"": student}, meta)
 
     def load(self, run_dir: Path):
         """(config, teacher, student, meta, training fragments Å) of a run folder."""
-        from safetensors.torch import load_file
-
-        from fewstep.core.cli import RUN_CONFIG
-        from fewstep.core.config import from_dict
+        from fewstep.core.rundir import load_run_config, load_student
         from fewstep.protein.model import build_denoiser
         from fewstep.protein.teacher import load_teacher, load_training_fragments
 
-        run_dir = Path(run_dir)
-        resolved = json.loads((run_dir / RUN_CONFIG).read_text())
-        cfg = from_dict(self.config_cls, resolved["config"])
+        cfg, _ = load_run_config(run_dir, self.config_cls)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         teacher, _ = load_teacher(cfg.teacher)
+        state, meta = load_student(run_dir)
         student = build_denoiser(cfg.teacher.model)
-        student.load_state_dict(load_file(str(run_dir / STUDENT_FILE)))
-        meta = json.loads((run_dir / "student.json").read_text())
+        student.load_state_dict(state)
         ca = load_training_fragments(cfg.teacher.length, cfg.teacher.stride)
         return cfg, teacher, student.eval().requires_grad_(False), meta, ca
 

@@ -29,8 +29,6 @@ from fewstep.core.training import TrainConfig
 from fewstep.video.self_forcing import SelfForcingConfig
 from fewstep.video.teacher import VideoTeacherConfig
 
-STUDENT_FILE = "student.safetensors"
-
 
 def _train(**kw) -> TrainConfig:
     base = dict(steps=400, batch_size=8, lr=1e-4, ema_decay=0.0, log_every=20)
@@ -153,33 +151,24 @@ class SelfForcingRecipe:
         return {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
 
     def _save(self, out_dir: Path, student, cfg) -> None:
-        from safetensors.torch import save
+        from fewstep.core.rundir import save_student
 
-        from fewstep.core.io import atomic_write_bytes, atomic_write_json
-
-        state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
-        atomic_write_bytes(out_dir / STUDENT_FILE, save(state))
         meta = {"chunk_frames": cfg.chunk_frames, "student_steps": cfg.dmd.student_steps,
                 "first_chunk_steps": cfg.dmd.first_chunk_steps, "window": cfg.window}  # fmt: skip
-        atomic_write_json(out_dir / "student.json", meta)
+        save_student(out_dir, {"": student}, meta)
 
     def load(self, run_dir: Path):
         """(config, teacher, real score, student denoiser)."""
-        from safetensors.torch import load_file
-
-        from fewstep.core.cli import RUN_CONFIG
-        from fewstep.core.config import from_dict
+        from fewstep.core.rundir import load_run_config, load_student
         from fewstep.video.causal import causal_student
         from fewstep.video.teacher import load_teacher
 
-        run_dir = Path(run_dir)
-        resolved = json.loads((run_dir / RUN_CONFIG).read_text())
-        cfg = from_dict(self.config_cls, resolved["config"])
+        cfg, _ = load_run_config(run_dir, self.config_cls)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         teacher, _ = load_teacher(cfg.teacher, progress=False)
         student = causal_student(teacher, cfg.chunk_frames)
-        student.load_state_dict(load_file(str(run_dir / STUDENT_FILE)))
+        student.load_state_dict(load_student(run_dir)[0])
         return cfg, teacher, self.real_score(cfg, teacher), student.eval().requires_grad_(False)
 
     # --- evaluation ------------------------------------------------------------------------
