@@ -238,11 +238,10 @@ class MDTRecipe:
     def load(self, run_dir: Path):
         from safetensors.torch import load_file
 
-        from fewstep.core.cli import RUN_CONFIG
-        from fewstep.core.config import from_dict
+        from fewstep.core.rundir import load_run_config
 
         run_dir = Path(run_dir)
-        cfg = from_dict(MDTRecipeConfig, json.loads((run_dir / RUN_CONFIG).read_text())["config"])
+        cfg, _ = load_run_config(run_dir, MDTRecipeConfig)
         student = _net(cfg)
         state = load_file(str(run_dir / STUDENT_FILE))
         student.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("student.")})

@@ -276,11 +276,10 @@ class PVDRecipe:
     def load(self, run_dir: Path):
         from safetensors.torch import load_file
 
-        from fewstep.core.cli import RUN_CONFIG
-        from fewstep.core.config import from_dict
+        from fewstep.core.rundir import load_run_config
 
         run_dir = Path(run_dir)
-        cfg = from_dict(PVDRecipeConfig, json.loads((run_dir / RUN_CONFIG).read_text())["config"])
+        cfg, _ = load_run_config(run_dir, PVDRecipeConfig)
         meta = json.loads((run_dir / "student.json").read_text())
         student = _make_field(meta["field"], cfg.scene.aabb)
         state = load_file(str(run_dir / STUDENT_FILE))
@@ -454,13 +453,10 @@ class MomentumGSRecipe:
     def load(self, run_dir: Path):
         from safetensors.torch import load_file
 
-        from fewstep.core.cli import RUN_CONFIG
-        from fewstep.core.config import from_dict
+        from fewstep.core.rundir import load_run_config
 
         run_dir = Path(run_dir)
-        cfg = from_dict(
-            MomentumGSRecipeConfig, json.loads((run_dir / RUN_CONFIG).read_text())["config"]
-        )
+        cfg, _ = load_run_config(run_dir, MomentumGSRecipeConfig)
         model, data = self._build(cfg)
         model.load_state_dict(load_file(str(run_dir / STUDENT_FILE)))
         return cfg, model, data

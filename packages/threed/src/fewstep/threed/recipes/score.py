@@ -211,12 +211,11 @@ class ScoreRecipe:
 
     def load(self, run_dir: Path):
         """(config, scene from scene.ply, prior adapter) of a finished run."""
-        from fewstep.core.cli import RUN_CONFIG
-        from fewstep.core.config import from_dict
+        from fewstep.core.rundir import load_run_config
         from fewstep.threed.gaussians import load_ply
 
         run_dir = Path(run_dir)
-        cfg = from_dict(self.config_cls, json.loads((run_dir / RUN_CONFIG).read_text())["config"])
+        cfg, _ = load_run_config(run_dir, self.config_cls)
         scene_file = run_dir / SCENE_FILE
         if not scene_file.exists():
             raise FileNotFoundError(f"{run_dir} has no {SCENE_FILE}: the run did not finish")
