@@ -26,6 +26,12 @@ PROMPTS_FILE = "prompts.txt"  # the run's prompts (the prompt file's, or the ima
 
 
 @dataclass
+class EvalConfig:
+    inception_weights: str = ""  # pytorch-fid FID Inception .pth ("" = FID/KID skipped)
+    clip_folder: str = ""  # local CLIPModel folder ("" = CLIP score skipped)
+
+
+@dataclass
 class LatentConfig:
     objective: str = "dmd2"  # distillation objective (see `fewstep list`)
     teacher: str = ""  # diffusers pipeline folder (with model_index.json); required
@@ -45,6 +51,12 @@ class LatentConfig:
         )
     )  # distillation loop
     device: str = "auto"  # cpu, cuda, or auto
+    gradient_checkpointing: bool = False  # recompute diffusers activations in backward (memory)
+    nasa_negative_prompt: str = ""  # SNOOPI NASA negative prompt for student samples ("" = off)
+    nasa_alpha: float = 0.0  # NASA strength: Z+ - alpha Z- in cross-attention (0 = off)
+    diversity_teacher_steps: int = 0  # K > 0: eval hybrid = K teacher Euler steps, then student
+    diversity_seeds: int = 4  # seeds per prompt for the diversity metric
+    eval: EvalConfig = field(default_factory=EvalConfig)  # FID/KID/CLIP weights
 
 
 def _check(cfg: LatentConfig) -> None:
@@ -104,6 +116,8 @@ class LatentRecipe:
             P.add_lora(getattr(student, P.network_name(pipe)), cfg.lora_rank, cfg.lora_alpha)
         t0 = time.perf_counter()
         trainer = Trainer(objective, student, data, cfg.train, out_dir, device=device)
+        # the student and any fake score / critic recompute activations in backward
+        ckpt = enable_gradient_checkpointing(trainer.roles) if cfg.gradient_checkpointing else []
         trainer.fit()
         distill_seconds = time.perf_counter() - t0
         if not trainer.dist.is_main:
@@ -115,6 +129,7 @@ class LatentRecipe:
             P.save_lora(pipe, net, out_dir / LORA_DIR)
         metrics = evaluate_pipelines(cfg, pipe, out_dir, prompts)
         metrics.update(distill_seconds=distill_seconds, distill_steps=cfg.train.steps)
+        metrics.update(gradient_checkpointing_roles=ckpt)
         from fewstep.core.io import atomic_write_json
 
         atomic_write_json(out_dir / "metrics.json", metrics)
@@ -131,7 +146,11 @@ class LatentRecipe:
         prompts = read_prompts(Path(run_dir) / PROMPTS_FILE)
         call = P.pipeline_kwargs(Path(run_dir) / PIPELINE_DIR, steps)
         cfg_prompts = [prompts[i % len(prompts)] for i in range(n)]
-        images = run_pipeline(pipe, cfg_prompts, 0, 1.0, cfg["config"]["resolution"], **call)
+        c = cfg["config"]
+        if c.get("nasa_alpha") and c.get("nasa_negative_prompt"):  # SNOOPI NASA
+            images = nasa_images(pipe, cfg_prompts, c, call)
+        else:
+            images = run_pipeline(pipe, cfg_prompts, 0, 1.0, c["resolution"], **call)
         out = out or Path(run_dir) / f"samples_{n}x{call['num_inference_steps']}nfe.png"
         return save_image_grid(out, images * 2 - 1, nrow=min(n, 8), upscale=4)
 
@@ -168,6 +187,22 @@ class LatentRecipe:
             run_dir / "teacher_x0_trajectory.png",
             "rows: prompts; columns: steps from noise (left) to data (right)",
         )
+        extra = [
+            {"metric": k, "value": v}
+            for k, v in m.items()
+            if k.startswith(("diversity_", "hybrid_", "fid_", "kid_", "clip_score_"))
+        ]
+        if extra:
+            rep.add_table("Diversity (teacher-first hybrid) and image metrics", extra)
+        for note in ("fid_note", "clip_note", "nasa_note"):
+            if m.get(note):
+                rep.add_text(note, m[note])
+        if (run_dir / "student_nasa_samples.png").exists():
+            rep.add_image(
+                "Student samples with NASA negative prompt",
+                run_dir / "student_nasa_samples.png",
+                "SNOOPI's Negative-Away Steer Attention (same prompts and seed as above)",
+            )
         return rep.write()
 
 
@@ -256,7 +291,7 @@ def evaluate_pipelines(cfg, teacher_pipe, run_dir: Path, prompts) -> dict:
 
     student_pipe = P.load_pipeline(run_dir / PIPELINE_DIR, teacher_pipe.device)
     sample = [prompts[i % len(prompts)] for i in range(cfg.sample_prompts)]
-    rows = {}
+    rows, images_by = {}, {}
     for name, pipe, call, w, neg in (
         ("teacher", teacher_pipe, {"num_inference_steps": cfg.teacher_steps},
          cfg.guidance_scale, cfg.negative_prompt),
@@ -270,14 +305,117 @@ def evaluate_pipelines(cfg, teacher_pipe, run_dir: Path, prompts) -> dict:
             "s": (time.perf_counter() - t0) / len(sample),
         }
         save_image_grid(run_dir / f"{name}_samples.png", images * 2 - 1, nrow=8, upscale=4)
+        images_by[name] = images
     x0_trajectory(cfg, teacher_pipe, sample[:2], run_dir / "teacher_x0_trajectory.png")
-    return {
+    metrics = {
         "teacher_nfe": rows["teacher"]["nfe"] * (2 if cfg.guidance_scale > 1 else 1),
         "student_nfe": rows["student"]["nfe"],
         "teacher_s_per_image": rows["teacher"]["s"],
         "student_s_per_image": rows["student"]["s"],
         "speedup": rows["teacher"]["s"] / rows["student"]["s"],
     }
+    metrics.update(extra_evaluations(cfg, teacher_pipe, student_pipe, run_dir, sample, images_by))
+    return metrics
+
+
+def extra_evaluations(cfg, teacher_pipe, student_pipe, run_dir: Path, prompts, images_by) -> dict:
+    """The optional evaluations: NASA student grid, teacher-first diversity, and FID / KID /
+    CLIP score (absent with a note when no weights were given)."""
+    from fewstep.core.report import save_image_grid
+    from fewstep.image import pipelines as P
+    from fewstep.image.eval_hooks import image_metrics
+
+    out: dict = {}
+    if cfg.nasa_alpha and cfg.nasa_negative_prompt:
+        if P.network_name(student_pipe) == "unet":
+            call = P.pipeline_kwargs(run_dir / PIPELINE_DIR)
+            images = nasa_images(student_pipe, prompts, dataclasses.asdict(cfg), call)
+            save_image_grid(run_dir / "student_nasa_samples.png", images * 2 - 1, nrow=8, upscale=4)
+        else:
+            out["nasa_note"] = "NASA needs UNet cross-attention; this pipeline uses joint attention"
+    if cfg.diversity_teacher_steps > 0:
+        out.update(diversity_evaluation(cfg, teacher_pipe, student_pipe, run_dir, prompts))
+    ev = cfg.eval
+    out.update(image_metrics(images_by, prompts, ev.inception_weights, ev.clip_folder))
+    return out
+
+
+def nasa_images(pipe, prompts, c: dict, call: dict):
+    """Student images in [0, 1] with SNOOPI's NASA (config dict ``c``: nasa_* and
+    resolution), on the exported pipeline's grid ``call``."""
+    from fewstep.image.nasa import sample_with_nasa
+
+    call = dict(call)
+    steps = call.pop("num_inference_steps")
+    if c.get("resolution"):
+        call.update(height=c["resolution"], width=c["resolution"])
+    neg, alpha = c["nasa_negative_prompt"], c["nasa_alpha"]
+    return sample_with_nasa(pipe, prompts, neg, alpha, steps, seed=0, **call)
+
+
+def _repeat_cond(cond, n: int):
+    """Each prompt's condition ``n`` times in a row (tensor or dict of tensors)."""
+    if isinstance(cond, dict):
+        return {k: v.repeat_interleave(n, 0) for k, v in cond.items()}
+    return cond.repeat_interleave(n, 0)
+
+
+def diversity_evaluation(cfg, teacher_pipe, student_pipe, run_dir: Path, prompts) -> dict:
+    """Mean pairwise latent distance across ``diversity_seeds`` seeds per prompt for the
+    student alone, the teacher alone (``teacher_steps`` Euler) and the diversity-distillation
+    hybrid (teacher's first ``diversity_teacher_steps`` steps, then the student), with the
+    hybrid's NFE split."""
+    import json
+
+    from fewstep.core.models import GuidedDenoiser
+    from fewstep.core.samplers import EulerSampler, FewStepSampler
+    from fewstep.image import pipelines as P
+    from fewstep.image.diversity import DiversitySampler, per_prompt_diversity
+    from fewstep.image.prompts import null_cond_fn
+
+    seeds, k = cfg.diversity_seeds, cfg.diversity_teacher_steps
+    if seeds < 2:
+        raise ValueError(f"diversity needs --diversity-seeds >= 2, got {seeds}")
+    null = P.encode_prompts(teacher_pipe, [cfg.negative_prompt])
+    teacher = GuidedDenoiser(P.teacher_denoiser(teacher_pipe), guidance(cfg), null_cond_fn(null))
+    student = P.teacher_denoiser(student_pipe)
+    times = json.loads((run_dir / PIPELINE_DIR / P.STUDENT_FILE).read_text())["times"]
+    cond = _repeat_cond(P.encode_prompts(teacher_pipe, prompts), seeds)
+    shape = P.latent_shape(teacher_pipe, cfg.resolution or None)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(len(prompts) * seeds, *shape, generator=g).to(teacher_pipe.device)
+    hybrid = DiversitySampler(
+        teacher, k, cfg.teacher_steps, times, generator=torch.Generator().manual_seed(1)
+    ).sample(student, noise, cond)
+    alone = FewStepSampler(times, torch.Generator().manual_seed(1))
+    runs = {
+        "student": alone.sample(student, noise, cond).x,
+        "hybrid": hybrid.x,
+        "teacher": EulerSampler(cfg.teacher_steps).sample(teacher, noise, cond).x,
+    }
+    out = {
+        f"diversity_{name}": per_prompt_diversity(x.float().cpu().unflatten(0, (-1, seeds)))
+        for name, x in runs.items()
+    }
+    out.update(
+        diversity_teacher_steps=k,
+        hybrid_nfe=hybrid.nfe,
+        hybrid_teacher_nfe=hybrid.teacher_nfe,
+        hybrid_student_nfe=hybrid.student_nfe,
+    )
+    return out
+
+
+def enable_gradient_checkpointing(roles: dict) -> list[str]:
+    """Turn on diffusers' gradient checkpointing in every diffusers model inside the trained
+    ``roles`` (student, fake score / critic, ...); returns the roles it reached."""
+    reached = []
+    for name, role in roles.items():
+        for m in role.modules():
+            if getattr(m, "_supports_gradient_checkpointing", False):
+                m.enable_gradient_checkpointing()
+                reached.append(name)
+    return sorted(set(reached))
 
 
 RECIPE = LatentRecipe()
