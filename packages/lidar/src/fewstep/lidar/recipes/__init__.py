@@ -1,0 +1,1 @@
+"""``fewstep distill lidar-*`` recipes (entry points in the package's pyproject)."""
