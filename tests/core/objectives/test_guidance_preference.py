@@ -448,3 +448,24 @@ def test_preference_objectives_check_their_inputs(rf_teacher):
     roles = obj.build_roles(trainable_copy(rf_teacher), make_batch(cond=False))
     with pytest.raises(ValueError, match=r"shape \(12,\)"):
         obj.losses(roles, make_batch(cond=False), ["fake_score"], 1)
+
+
+def test_student_pairs_can_share_a_scaled_noise():
+    """Distillation-DPO's code pairs noise with 1.1 * noise; by default the pair's noises are
+    independent. An identity x0-student returns its (prior-scaled) start noise."""
+    from fewstep.core.objectives.preference import student_pairs
+    from fewstep.core.paths import make_path
+    from fewstep.core.samplers import FewStepSampler
+
+    student = ModuleDenoiser(nn.Identity(), make_path("rectified_flow"), "x0")
+    student.forward = lambda x, t, cond=None: x  # x0-prediction = the input
+
+    def pair(scale):
+        batch = Batch(torch.zeros(4, 3), None, StepRNG(0, 0, 0, 4, 0, 4, "cpu"))
+        x, _, _ = student_pairs(student, FewStepSampler(), batch, shared_noise_scale=scale)
+        return x.chunk(2)
+
+    a, b = pair(1.1)
+    torch.testing.assert_close(b, 1.1 * a)
+    a, b = pair(0.0)
+    assert not torch.allclose(b, 1.1 * a) and not torch.allclose(a, b)

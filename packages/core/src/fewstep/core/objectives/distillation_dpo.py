@@ -62,6 +62,9 @@ class DistillationDPOConfig(ObjectiveConfig):
     fake_updates_per_student: int = 2  # TTUR: auxiliary-score updates per student update
     t_range: tuple[float, float] = (0.02, 0.98)  # DM-loss times as fractions of the path
     backward_simulation: bool = True  # multi-step: train on the student's own rollouts
+    # > 0: a pair's second start noise is this times the first (the public code: 1.1);
+    # 0: two independent noises
+    shared_noise_scale: float = 0.0
 
 
 def distillation_dpo_loss(
@@ -132,8 +135,9 @@ class DistillationDPO(Objective):
 
     def pairs(self, student: Denoiser, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(x_w, x_l, t, reward gap) for B pairs; x_w, x_l carry gradient when enabled."""
+        cfg = self.config
         x, _, cond2 = student_pairs(
-            student, self.student_sampler(), batch, self.config.backward_simulation
+            student, self.student_sampler(), batch, cfg.backward_simulation, cfg.shared_noise_scale
         )
         with torch.no_grad():
             r = call_reward(self.reward, x.detach(), cond2, self.name)

@@ -81,14 +81,20 @@ def student_pairs(
     sampler: FewStepSampler,
     batch: Batch,
     backward_simulation: bool = True,
+    shared_noise_scale: float = 0.0,
 ) -> tuple[Tensor, Tensor, Any]:
-    """Two student samples per condition, from independent noises: (x (2B, ...), t (2B,),
-    cond repeated twice). Rows i and B + i form pair i. With gradient when enabled.
+    """Two student samples per condition: (x (2B, ...), t (2B,), cond repeated twice). Rows
+    i and B + i form pair i. With gradient when enabled. The two start noises are independent,
+    or, with ``shared_noise_scale`` s > 0, the second is s times the first (Distillation-DPO's
+    code pairs ``noise`` with ``1.1 * noise``).
 
     As ``common.student_x0``: a multi-step student predicts from its own state at a random one
     of its steps (shared by the batch), reached without gradient (DMD2 backward simulation)."""
     shape = sample_shape(batch)
-    noise = torch.cat([batch.rng.randn(*shape), batch.rng.randn(*shape)])
+    first, second = batch.rng.randn(*shape), batch.rng.randn(*shape)
+    if shared_noise_scale > 0:
+        second = shared_noise_scale * first
+    noise = torch.cat([first, second])
     cond = repeat_cond(batch.cond)
     times = sampler.native_times(student.path)
     k = batch.rng.shared_randint(0, len(times)) if len(times) > 1 and backward_simulation else 0
