@@ -184,14 +184,12 @@ class StreamDiTRecipe:
         """(config, base teacher, StreamDiT teacher, student), frozen."""
         from safetensors.torch import load_file
 
-        from fewstep.core.cli import RUN_CONFIG
-        from fewstep.core.config import from_dict
+        from fewstep.core.rundir import load_run_config
         from fewstep.video.streamdit import buffer_model
         from fewstep.video.teacher import load_teacher
 
         run_dir = Path(run_dir)
-        resolved = json.loads((run_dir / RUN_CONFIG).read_text())
-        cfg = from_dict(self.config_cls, resolved["config"])
+        cfg, _ = load_run_config(run_dir, self.config_cls)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         teacher, _ = load_teacher(cfg.teacher, progress=False)
