@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from report_io import markdown_table, write_json
 
 DATASETS = {
     "digits 8->16": ["--data.dataset", "digits"],
@@ -98,12 +99,8 @@ def main() -> None:
         "runs": runs,
         "seconds": time.time() - t0,
     }
-    args.out.write_text(json.dumps(report, indent=2, default=str))
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
-    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-    for r in rows:
-        print("| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |")
+    write_json(args.out, report)
+    print(markdown_table(rows))
     print(f"\n{report['seconds']:.0f} s")
 
 

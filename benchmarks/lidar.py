@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from report_io import markdown_table, write_json
 
 METRICS = ("chamfer", "chamfer_sd", "fscore@0.1", "fscore@0.2", "fscore@0.5", "iou@0.5",
            "iou@0.2", "iou@0.1", "bev_jsd", "emd")  # fmt: skip
@@ -111,13 +112,8 @@ def main() -> None:
         "runs": {"distillation_dpo": dpo, "dmd2": dmd},
         "seconds": time.time() - t0,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str))
-    keys = list(dict.fromkeys(k2 for r in rows for k2 in r))
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
-    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-    for r in rows:
-        print("| " + " | ".join(fmt(r.get(k2, "")) for k2 in keys) + " |")
+    write_json(args.out, report)
+    print(markdown_table(rows))
     print(f"\n{dpo['n_scans']} held-out scans, {args.steps} steps; {report['seconds']:.0f} s")
 
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from report_io import markdown_table, write_json
 
 STEPS = (1, 2, 4, 16)
 # the benchmark's teacher and distillation settings (recipe options)
@@ -138,13 +139,8 @@ def main() -> None:
         "runs": runs,
         "seconds": time.time() - t0,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str))
-    keys = ["model", *COLUMNS]
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
-    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-    for r in rows:
-        print("| " + " | ".join(fmt(r.get(k)) for k in keys) + " |")
+    write_json(args.out, report)
+    print(markdown_table(rows, ["model", *COLUMNS]))
     print(f"\n{report['machine']}; {report['seconds']:.0f} s")
 
 
