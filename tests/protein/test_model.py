@@ -21,14 +21,6 @@ from fewstep.protein.teacher import random_rotations
 TINY = BackboneTransformerConfig(dim=16, pair_dim=8, heads=2, layers=2, cond_dim=16, rbf_bins=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_output_shape_and_velocity_parameterisation():
     d = build_denoiser(TINY)
     assert d.prediction == "velocity" and d.path.name == "rectified_flow"

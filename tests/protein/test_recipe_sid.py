@@ -33,14 +33,6 @@ TINY = [
 NET = BackboneTransformerConfig(dim=16, pair_dim=8, heads=2, layers=1, cond_dim=16, rbf_bins=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     mp = pytest.MonkeyPatch()

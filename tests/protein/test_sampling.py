@@ -18,14 +18,6 @@ from fewstep.protein.sampling import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Spy(Denoiser):
     """Predicts a fixed clean backbone x_hat and records every input it is given."""
 

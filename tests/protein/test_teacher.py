@@ -25,15 +25,6 @@ from fewstep.protein.teacher import (
 TINY_NET = BackboneTransformerConfig(dim=16, pair_dim=8, heads=2, layers=2, cond_dim=16, rbf_bins=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small nets run fastest on one thread (and do not fight the other test worker)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def noisy_helices(n: int, length: int, seed: int = 0) -> torch.Tensor:
     """(n, length, 3) Å: ideal alpha helices (1.5 Å rise, 100 deg per residue, radius 2.3 Å)
     with 0.3 Å noise, random start phases: synthetic CA data built here."""
