@@ -155,6 +155,11 @@ class SiD(Objective):
             return self.teacher.predict(x_t, t, cond, kind="x0")
         return guided_predict(unguided(self.teacher), x_t, t, cond, scale, self.null_cond)
 
+    def generator_times(self, batch: Batch) -> Tensor:
+        """(B,) times of the generator loss: uniform over ``t_range`` of the path. A recipe
+        may draw them as its paper does (protein SiD: a log-spaced grid)."""
+        return sample_times(self.path, batch, self.config.t_range)
+
     def losses(self, roles, batch, update, step):
         cfg = self.config
         student, fake = roles["student"], roles["fake_score"]
@@ -164,7 +169,7 @@ class SiD(Objective):
             x, _ = student_x0(student, self.student_sampler(), batch, cfg.backward_simulation)
 
         if "student" in update:
-            t = sample_times(self.path, batch, cfg.t_range)
+            t = self.generator_times(batch)
             x_t, _ = noised(self.path, x, t, batch)  # gradient flows through x_t
             y_real = self.real_x0(x_t, t, batch.cond)
             y_fake = guided_predict(fake, x_t, t, batch.cond, gen_scale, self.null_cond)

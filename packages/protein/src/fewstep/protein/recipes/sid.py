@@ -20,9 +20,9 @@ Xie et al., "Distilled Protein Backbone Generation" (2025; LY-Xie/SiD_Protein) a
   count; core divides by the per-sample *mean* and averages over elements: the same loss up
   to one constant factor (3 L / L = 3) that Adam absorbs.
 
-Core's SiD draws generator-loss times as ``path.fraction_to_t`` of a uniform fraction in
-``t_range``; the paper's log-spaced draw is injected by giving the objective a path view
-whose ``fraction_to_t`` is the paper's map (``ProteinSiD.path``); the SiD math is core's.
+Core's SiD draws generator-loss times through ``SiD.generator_times`` (uniform over the
+path's ``t_range``); ``ProteinSiD`` overrides only that draw with the paper's log-spaced map
+(``PaperLossTimes.fraction_to_t``); the SiD math is core's.
 
 The run folder gets ``student.safetensors`` (+ ``student.json``: times, noise scale),
 ``metrics.json`` (``metrics.evaluate_backbones`` of student and teacher samples against the
@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fewstep.core.objectives.common import sample_times
 from fewstep.core.objectives.sid import SiD, SiDConfig
 from fewstep.core.training import TrainConfig
 from fewstep.protein.model import ProteinaFlow
@@ -88,10 +89,8 @@ class ProteinSiD(SiD):
         self._sampler = sampler
         self._loss_times = loss_times
 
-    @property
-    def path(self):
-        # only SiD.losses reads self.path: to draw and apply the generator-loss noise
-        return self._loss_times
+    def generator_times(self, batch):
+        return sample_times(self._loss_times, batch, self.config.t_range)
 
     def student_sampler(self):
         return self._sampler
