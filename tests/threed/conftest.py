@@ -120,3 +120,35 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def isolated_cache(monkeypatch, tmp_path):
+    """Recipe runs: a fresh fewstep cache, and torch's thread count restored afterwards
+    (recipes set their own)."""
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def distance_after_optimising(score_gaussian_prior):
+    """f(method) -> (distance before, after) of images optimised for 100 steps by a score
+    method under the exact prior of N(mu, 0.5^2) data; mean squared distance to mu."""
+
+    def run(method) -> tuple[float, float]:
+        mu = score_gaussian_prior.denoiser.net.mu
+        x = mu + 2.0 * torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+        x = x.requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=0.05)
+        before = (x - mu).pow(2).mean().item()
+        for step in range(100):
+            g = torch.Generator().manual_seed(step)
+            loss = method.loss(x, None, step, 100, generator=g)[0]
+            opt.zero_grad()
+            loss["scene"].backward()
+            opt.step()
+        return before, (x - mu).pow(2).mean().item()
+
+    return run

@@ -4,7 +4,6 @@ with tiny settings; the run folders are re-read (weights, meshes, GIFs, metrics,
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from fewstep.core.cli import main
@@ -24,12 +23,7 @@ MDT_TINY = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch, tmp_path):
-    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def test_prd_recipe_cli_smoke(tmp_path, capsys):

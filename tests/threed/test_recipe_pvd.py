@@ -24,12 +24,7 @@ MGS_TINY = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch, tmp_path):
-    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def test_pvd_recipe_cli_smoke(tmp_path, capsys):
