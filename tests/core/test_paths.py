@@ -193,6 +193,17 @@ def test_vp_discrete_matches_diffusers_alphas_cumprod_exactly(schedule, kw):
     torch.testing.assert_close(mid, 0.75 * ref[10:11].double() + 0.25 * ref[11:12].double())
 
 
+def test_vp_discrete_zero_snr_matches_diffusers_rescaled_table():
+    diffusers = pytest.importorskip("diffusers")
+    kw = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", **SD_BETAS)
+    ref = diffusers.EulerDiscreteScheduler(**kw, rescale_betas_zero_snr=True).alphas_cumprod
+    path = make_path("vp_discrete", schedule="scaled_linear", zero_snr=True, **SD_BETAS)
+    torch.testing.assert_close(path.abar.float(), ref, rtol=1e-5, atol=1e-9)
+    assert float(path.abar[-1]) == 2.0**-24  # finite 1 / alpha at the last step
+    plain = make_path("vp_discrete", schedule="scaled_linear", **SD_BETAS)
+    assert float(plain.abar[-1]) > 1e-3 and float(plain.abar[0]) == float(path.abar[0])
+
+
 def test_vp_discrete_default_is_not_sd_schedule():
     lin = VPDiscrete()
     sd = VPDiscrete(schedule="scaled_linear", **SD_BETAS)

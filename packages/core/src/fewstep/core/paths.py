@@ -233,9 +233,16 @@ class VPContinuous(Path):
 
 
 def diffusers_alphas_cumprod(
-    schedule: str, n: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
+    schedule: str,
+    n: int = 1000,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    zero_snr: bool = False,
 ) -> Tensor:
-    """abar table exactly as diffusers' DDPMScheduler builds it for ``beta_schedule``."""
+    """abar table exactly as diffusers' DDPMScheduler builds it for ``beta_schedule``; with
+    ``zero_snr`` the betas are rescaled to zero terminal SNR (Lin et al. 2024, Algorithm 1;
+    diffusers' ``rescale_betas_zero_snr``, CogVideoX) and the last abar is set to 2^-24, as
+    diffusers' schedulers do, so that conversions through 1 / alpha stay finite."""
     if schedule == "linear":
         betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
     elif schedule == "scaled_linear":
@@ -253,7 +260,13 @@ def diffusers_alphas_cumprod(
             f"unknown beta schedule {schedule!r}; expected linear, scaled_linear or "
             "squaredcos_cap_v2"
         )
-    return torch.cumprod(1.0 - betas, dim=0)
+    abar = torch.cumprod(1.0 - betas, dim=0)
+    if zero_snr:
+        root = abar.sqrt()
+        first, last = root[0].clone(), root[-1].clone()
+        abar = ((root - last) * first / (first - last)) ** 2
+        abar[-1] = 2.0**-24
+    return abar
 
 
 @dataclass
@@ -266,13 +279,14 @@ class VPDiscrete(Path):
     num_train_timesteps: int = 1000  # table length
     beta_start: float = 1e-4  # first beta (diffusers default 1e-4; SD uses 0.00085)
     beta_end: float = 0.02  # last beta (diffusers default 0.02; SD uses 0.012)
+    zero_snr: bool = False  # betas rescaled to zero terminal SNR (rescale_betas_zero_snr)
 
     name = "vp_discrete"
     t_min = 0.0
 
     def __post_init__(self) -> None:
         self.abar = diffusers_alphas_cumprod(
-            self.schedule, self.num_train_timesteps, self.beta_start, self.beta_end
+            self.schedule, self.num_train_timesteps, self.beta_start, self.beta_end, self.zero_snr
         ).double()
 
     @property
