@@ -79,3 +79,22 @@ def test_adaptive_mask_and_jvp():
     torch.testing.assert_close(tangent, fd, atol=2e-3, rtol=2e-2)
     with pytest.raises(ValueError, match="tile"):
         net.use_sparse_attention(16, tile=(2, 4, 4))
+
+
+def test_time_embedding_is_smooth_in_the_path_time():
+    """The teacher's DiT must see core's network time (t x 1000 on rectified flow) once: a
+    second x 1000 made neighbouring times (t = 0.5 vs 0.5001) as far apart in the time
+    embedding as t = 0.1 vs 0.9, and the teacher could not tell high noise from low."""
+    from fewstep.video.teacher import VideoTeacherConfig, build_teacher
+
+    teacher = build_teacher(VideoTeacherConfig())
+    seen = []
+    hook = teacher.net.time.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    cfg = teacher.net.cfg
+    x = torch.zeros(4, cfg.frames, 3, cfg.size, cfg.size)
+    with torch.no_grad():
+        teacher(x, torch.tensor([0.5, 0.5001, 0.1, 0.9]))
+    hook.remove()
+    emb = seen[0]
+    near, far = (emb[0] - emb[1]).norm(), (emb[2] - emb[3]).norm()
+    assert near < 0.1 * far, (near, far)

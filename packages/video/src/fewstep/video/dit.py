@@ -36,7 +36,7 @@ class VideoDiTConfig:
     mlp_ratio: float = 4.0  # MLP hidden width / dim
     attention: str = "full"  # full (one attention over all tokens) or factorised (space, time)
     num_classes: int = 10  # class labels (0 = unconditional); label num_classes = null (CFG)
-    time_scale: float = 1000.0  # network time (0..1 on rectified flow) times this before embedding
+    time_scale: float = 1.0  # network time (core's rectified flow: t x 1000) times this, embedded
 
     def grid(self) -> tuple[int, int, int]:
         pt, ph, pw = self.patch

@@ -91,7 +91,7 @@ def load_teacher(cfg: VideoTeacherConfig, progress: bool = True) -> tuple[Module
     from fewstep.core.pretrain import train_denoiser
     from fewstep.core.training import TensorData
 
-    spec = {**dataclasses.asdict(cfg), "model": "video-dit-v1"}
+    spec = {**dataclasses.asdict(cfg), "model": "video-dit-v2"}  # v2: time embedded once
 
     def train(model: ModuleDenoiser) -> dict:
         clips, labels = load_clips(cfg.data)
