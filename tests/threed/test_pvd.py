@@ -13,6 +13,7 @@ from fewstep.threed.pvd import (
     PVDConfig,
     PVDLoss,
     PVDStage,
+    build_teacher_cache,
     clipped_log_density,
     default_stages,
     density_range_error,
@@ -60,6 +61,9 @@ def _cfg(**kw):
         rays_per_step=128,
         samples_per_ray=24,
         uniform_points=256,
+        teacher_cache_points=16384,
+        teacher_cache_rays=1024,
+        point_batch=2048,
         eval_every=0,
         eval_samples=48,
     )
@@ -227,3 +231,92 @@ def test_clear_errors(scene):
         distill_volume(h, s, train, _cfg(feature_adapter="identity"))
     with pytest.raises(ValueError, match="feature_adapter"):
         distill_volume(h, s, train, _cfg(feature_adapter="bogus"))
+
+
+def test_live_teacher_mode_also_distils(scene):
+    """teacher_cache_points=0 queries the teacher on every step's own rays and points."""
+    teacher, train, test, test_img = scene
+    torch.manual_seed(0)
+    s = make_field("mlp", **SMALL["mlp"])
+    init = evaluate_views(s, test, test_img, samples=48)
+    log = distill_volume(
+        teacher, s, train, _cfg(teacher_cache_points=0), eval_views=(test, test_img)
+    )
+    assert log["eval"][-1]["psnr"] > init + 2.0
+    assert log["cache_cpu_seconds"] == 0.0
+
+
+def test_teacher_cache_holds_the_teachers_answers(scene):
+    _, train, _, _ = scene
+    torch.manual_seed(0)
+    t = make_field("hashgrid", **SMALL["hashgrid"])
+    cfg = _cfg(eval_samples=16)
+    c = build_teacher_cache(
+        t, train, cfg, torch.Generator().manual_seed(0), features=feature_fn(t),
+        n_points=3000, n_rays=40,
+    )  # fmt: skip
+    assert c.points.shape == (3000, 3) and c.feature.shape[0] == 3000
+    with torch.no_grad():
+        sigma, rgb = t(c.points, c.dirs)
+        torch.testing.assert_close(c.sigma, sigma)
+        torch.testing.assert_close(c.rgb, rgb)
+        torch.testing.assert_close(c.feature, feature_fn(t)(c.points))
+    n_uniform = round(3000 * cfg.cache_uniform_fraction)
+    assert (c.weight[-n_uniform:] == 0).all() and (c.weight >= 0).all()
+    # ray colours: the teacher rendered along those rays at eval_samples bin midpoints
+    from fewstep.threed.volume import render_rays
+
+    ref = render_rays(t, c.ray_o, c.ray_d, VolumeRenderConfig(n_samples=16))
+    torch.testing.assert_close(c.ray_rgb, ref["rgb"], atol=1e-5, rtol=1e-4)
+
+
+def test_cached_mode_queries_the_teacher_only_before_the_first_step(scene):
+    teacher, train, _, _ = scene
+    calls = []
+    h = teacher.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        counts = []
+        for steps in (3, 30):
+            calls.clear()
+            torch.manual_seed(0)
+            s = make_field("mlp", **SMALL["mlp"])
+            distill_volume(teacher, s, train, _cfg(stages=default_stages(steps, steps, steps)))
+            counts.append(len(calls))
+    finally:
+        h.remove()
+    assert counts[0] == counts[1] > 0  # ten times the steps, the same teacher calls
+
+
+def test_surface_sampling_favours_points_the_teacher_renders(scene):
+    """Points drawn by compositing weight are mostly occupied; uniform pool draws are not."""
+    from fewstep.threed.pvd import _draw_points
+
+    teacher, train, _, _ = scene
+    c = build_teacher_cache(
+        teacher, train, _cfg(), torch.Generator().manual_seed(0), n_points=8000, n_rays=8
+    )
+    g = torch.Generator().manual_seed(0)
+    occ = lambda idx: float((c.sigma[idx] > 1.0).float().mean())  # noqa: E731
+    assert occ(_draw_points(c, 2000, 1.0, g)) > 0.9
+    assert occ(_draw_points(c, 2000, 1.0, g)) > occ(_draw_points(c, 2000, 0.0, g)) + 0.3
+
+
+def test_stage_lr_scale_reaches_the_optimizer(scene, monkeypatch):
+    import fewstep.threed.pvd as pvd
+
+    seen = []
+    real = pvd._set_stage_lr
+
+    def spy(opt, cfg, scale):
+        real(opt, cfg, scale)
+        seen.append([g["lr"] for g in opt.param_groups])
+
+    monkeypatch.setattr(pvd, "_set_stage_lr", spy)
+    _, train, _, _ = scene
+    teacher = toy_voxel_scene()
+    s = make_field("tensorf", **SMALL["tensorf"])
+    stages = (PVDStage("a", 1, {"sigma": 1.0}, 1.0), PVDStage("b", 1, {"sigma": 1.0}, 0.5))
+    distill_volume(teacher, s, train, _cfg(stages=stages, lr_grid=0.02, lr_network=0.004))
+    assert seen == [[0.02, 0.004], [0.01, 0.002]]
+    with pytest.raises(ValueError, match="lr_scale"):
+        distill_volume(teacher, s, train, _cfg(stages=(PVDStage("c", 1, {"sigma": 1.0}, 0.0),)))

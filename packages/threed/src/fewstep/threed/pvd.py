@@ -21,9 +21,25 @@ densities inside every network; our fields use softplus / trunc_exp activations 
 owns, so the clip acts on log-density inside the losses, which is the same quantity for exp
 activations and gives zero gradient outside the range as the paper's clamp does.
 
-Points (paper Sec. 3.1 samples points along rays of random poses): each step draws rays through
-random pixels of the given cameras, stratified samples along them inside the scene box, and
-extra points uniform in the box with random directions (per-point losses only).
+Points (paper Sec. 3.1 samples points along rays of random poses): rays through random pixels
+of the given cameras, stratified samples along them inside the scene box, and extra points
+uniform in the box with random directions (per-point losses only).
+
+Where the speed comes from (paper Sec. 4, "10-20x faster than training from scratch"): the
+per-point stages supervise density and colour of 3-D points directly, so they need no volume
+rendering, and the teacher is fixed, so its answers can be computed once. With
+``teacher_cache_points > 0`` (the default) the teacher is queried once, before the first step,
+on a pool of points (``TeacherCache``: ray samples + uniform points, with its density, colour
+and feature) and on a pool of rays (its rendered colours); every step then draws
+``point_batch`` pool points for the per-point terms and, in stages with the ``rgb`` term,
+``rays_per_step`` pool rays that only the student renders. No step queries the teacher, and a
+per-point step costs one student forward/backward on its points. A share
+``surface_fraction`` of each point batch is drawn in proportion to the teacher's compositing
+weights (NeRF eq. 3) of the pool's ray samples, i.e. where its renders come from (PVD's
+occupancy-pruned ray marcher puts its samples there too); the rest uniformly from the pool.
+The cache build is counted in the log's clocks. ``teacher_cache_points = 0`` queries the
+teacher live on each step's own rays and points (the per-point terms then read the ray samples
+too), as before.
 
 Feature dimensions differ between our field types (PVD sizes its networks so they agree); when
 they differ, or the fields are of different classes, a learned linear map from the student's
@@ -118,6 +134,7 @@ class PVDStage:
     name: str  # label in the log ("shallow", "point", "render")
     steps: int  # optimisation steps in this stage
     losses: dict[str, float]  # loss name (a key of LOSSES) -> weight
+    lr_scale: float = 1.0  # multiplies both learning rates in this stage (PVD: lr per stage)
 
 
 def default_stages(shallow: int = 100, point: int = 200, render: int = 300) -> tuple:
@@ -140,7 +157,12 @@ class PVDConfig:
     feature_adapter: str = "auto"  # auto, linear or identity (see module docstring)
     rays_per_step: int = 512  # rays through random pixels of the cameras per step
     samples_per_ray: int = 32  # stratified samples per ray inside the scene box
-    uniform_points: int = 2048  # extra points uniform in the box per step (per-point losses)
+    uniform_points: int = 2048  # live mode: extra uniform points per step (per-point losses)
+    teacher_cache_points: int = 65536  # teacher answers precomputed once (0: query live)
+    teacher_cache_rays: int = 4096  # rays whose teacher colour is precomputed (rgb term)
+    cache_uniform_fraction: float = 0.25  # share of the point pool uniform in the box
+    surface_fraction: float = 0.5  # share of each point batch drawn by teacher weight w_i
+    point_batch: int = 8192  # pool points per step for the per-point terms (cached mode)
     lr_grid: float = 0.02  # Adam lr of grids / hash tables / VM factors (TensoRF's)
     lr_network: float = 5e-3  # Adam lr of MLP weights (and the feature adapter)
     background: str = "white"  # composited background of rendered rays
@@ -167,6 +189,19 @@ def _check_cfg(cfg: PVDConfig, losses: dict) -> None:
             )
         if st.steps < 0:
             raise ValueError(f"stage {st.name!r} has negative steps {st.steps}")
+        if not st.lr_scale > 0:
+            raise ValueError(f"stage {st.name!r} needs lr_scale > 0, got {st.lr_scale}")
+    if cfg.teacher_cache_points < 0 or cfg.teacher_cache_rays < 0:
+        raise ValueError(
+            "teacher_cache_points / teacher_cache_rays must be >= 0, got "
+            f"{cfg.teacher_cache_points} / {cfg.teacher_cache_rays}"
+        )
+    if not 0.0 <= cfg.surface_fraction <= 1.0:
+        raise ValueError(f"surface_fraction must be in [0, 1], got {cfg.surface_fraction}")
+    if not 0.0 <= cfg.cache_uniform_fraction <= 1.0:
+        raise ValueError(
+            f"cache_uniform_fraction must be in [0, 1], got {cfg.cache_uniform_fraction}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +364,158 @@ def _query(f: RadianceField, batch: PVDBatch, needs: set, features, adapter, bac
     return out
 
 
+@dataclass
+class TeacherCache:
+    """The fixed teacher's answers, computed once before distillation (module docstring)."""
+
+    points: Tensor  # (N, 3) world points: ray samples first, then uniform points
+    dirs: Tensor  # (N, 3) unit directions the points are seen along
+    sigma: Tensor  # (N,) teacher density
+    rgb: Tensor  # (N, 3) teacher colour
+    feature: Tensor | None  # (N, D) teacher intermediate feature (None: not cached)
+    weight: Tensor  # (N,) teacher compositing weight w_i of ray samples (0 for uniform points)
+    ray_o: Tensor  # (M, 3) ray origins
+    ray_d: Tensor  # (M, 3) unit ray directions
+    ray_rgb: Tensor  # (M, 3) teacher's rendered ray colour, background composited
+
+
+# Points per teacher call while the cache is built (bounds memory, not results).
+CACHE_CHUNK = 16384
+
+
+@torch.no_grad()
+def build_teacher_cache(
+    teacher: RadianceField,
+    cameras: Cameras,
+    cfg: PVDConfig,
+    g: torch.Generator,
+    *,
+    features: Callable[[Tensor], Tensor] | None = None,
+    n_points: int | None = None,
+    n_rays: int | None = None,
+    ray_cache: tuple[Tensor, Tensor] | None = None,
+) -> TeacherCache:
+    """Query ``teacher`` once: ``n_points`` (default ``cfg.teacher_cache_points``) points, of
+    which ``cfg.cache_uniform_fraction`` uniform in the box with random directions and the
+    rest stratified samples (``cfg.samples_per_ray`` per ray) along rays through random pixels
+    of ``cameras``, with density, colour and (``features`` given) feature; and ``n_rays``
+    (default ``cfg.teacher_cache_rays``) random pixel rays rendered with ``cfg.eval_samples``
+    bin midpoints."""
+    n_points = cfg.teacher_cache_points if n_points is None else n_points
+    n_rays = cfg.teacher_cache_rays if n_rays is None else n_rays
+    o_all, d_all = ray_cache if ray_cache is not None else _flat_rays(cameras)
+    aabb = teacher.aabb.detach()
+    S = cfg.samples_per_ray
+    n_uniform = int(round(n_points * cfg.cache_uniform_fraction))
+    n_on_rays = n_points - n_uniform
+    batch = sample_batch(cameras, aabb, -(-n_on_rays // S), S, n_uniform, g, (o_all, d_all))
+    keep = torch.cat([torch.arange(n_on_rays), torch.arange(n_uniform) + batch.n_rays * S])
+    pts, dirs = batch.points[keep], batch.dirs[keep]
+    sig, rgb, feat = [], [], []
+    for i in range(0, len(pts), CACHE_CHUNK):
+        p, d = pts[i : i + CACHE_CHUNK], dirs[i : i + CACHE_CHUNK]
+        a, b = teacher(p, d)
+        sig.append(a)
+        rgb.append(b)
+        if features is not None:
+            feat.append(features(p))
+    weight = pts.new_zeros(len(pts))
+    if n_on_rays > 0:
+        # NeRF eq. 3 weights of the ray samples: where the teacher's renders come from, which
+        # PVD's occupancy-pruned ray marcher concentrates its points on.
+        full = batch.n_rays * S
+        sig_r = torch.cat(sig)[:n_on_rays]
+        sig_r = torch.cat([sig_r, sig_r.new_zeros(full - n_on_rays)]).reshape(batch.n_rays, S)
+        w, _, _, _ = composite(
+            sig_r * batch.hit[:, None], sig_r.new_zeros(batch.n_rays, S, 3), batch.t, batch.deltas
+        )
+        weight[:n_on_rays] = w.reshape(-1)[:n_on_rays]
+    ridx = torch.randint(0, o_all.shape[0], (n_rays,), generator=g)
+    ro, rd = o_all[ridx], d_all[ridx]
+    colors = []
+    n_chunk = max(1, CACHE_CHUNK // cfg.eval_samples)
+    for i in range(0, n_rays, n_chunk):
+        o, d = ro[i : i + n_chunk], rd[i : i + n_chunk]
+        t_near, t_far, hit = ray_aabb(o, d, aabb)
+        t, deltas = sample_bins(t_near, t_far, cfg.eval_samples)
+        rb = PVDBatch(
+            (o[:, None] + t[..., None] * d[:, None]).reshape(-1, 3),
+            d[:, None].expand(len(o), cfg.eval_samples, 3).reshape(-1, 3),
+            t, deltas, hit, len(o), cfg.eval_samples,
+        )  # fmt: skip
+        a, b = teacher(rb.points, rb.dirs)
+        colors.append(render_batch_rays({"sigma": a, "rgb": b}, rb, cfg.background))
+
+    def cat(xs: list[Tensor], shape: tuple) -> Tensor:
+        return torch.cat(xs) if xs else pts.new_zeros(shape)
+
+    return TeacherCache(
+        pts, dirs, cat(sig, (0,)), cat(rgb, (0, 3)), torch.cat(feat) if feat else None,
+        weight, ro, rd, cat(colors, (0, 3)),
+    )  # fmt: skip
+
+
+def _cached_outputs(
+    student: RadianceField,
+    cache: TeacherCache,
+    needs: set,
+    cfg: PVDConfig,
+    g: torch.Generator,
+    s_feat,
+    adapter,
+) -> tuple[dict, dict, PVDBatch]:
+    """Student outputs and the teacher's cached ones for one cached-mode step: ``rays_per_step``
+    pool rays (stratified samples, rendered by the student only) where ``needs`` has
+    ``ray_rgb``, and ``point_batch`` pool points for the per-point outputs."""
+    s_out: dict[str, Tensor] = {}
+    t_out: dict[str, Tensor] = {}
+    batch = None
+    if "ray_rgb" in needs:
+        R, S = cfg.rays_per_step, cfg.samples_per_ray
+        idx = torch.randint(0, len(cache.ray_o), (R,), generator=g)
+        o, d = cache.ray_o[idx], cache.ray_d[idx]
+        t_near, t_far, hit = ray_aabb(o, d, student.aabb.detach())
+        t, deltas = sample_bins(t_near, t_far, S, stratified=True, generator=g)
+        pts = (o[:, None] + t[..., None] * d[:, None]).reshape(-1, 3)
+        batch = PVDBatch(pts, d[:, None].expand(R, S, 3).reshape(-1, 3), t, deltas, hit, R, S)
+        s_out["ray_rgb"] = _query(student, batch, {"ray_rgb"}, None, None, cfg.background)[
+            "ray_rgb"
+        ]
+        t_out["ray_rgb"] = cache.ray_rgb[idx]
+    point_needs = needs - {"ray_rgb"}
+    if point_needs:
+        idx = _draw_points(cache, cfg.point_batch, cfg.surface_fraction, g)
+        empty = cache.points.new_zeros(0, 0)
+        no_hit = torch.zeros(0, dtype=torch.bool)
+        pb = PVDBatch(cache.points[idx], cache.dirs[idx], empty, empty, no_hit, 0, 0)
+        out = _query(student, pb, point_needs, s_feat, adapter, cfg.background)
+        for k in ("sigma", "rgb"):
+            if k in out:
+                s_out[k] = out[k]
+                t_out[k] = getattr(cache, k)[idx]
+        if "feature" in point_needs:
+            s_out["feature"] = out["feature"]
+            t_out["feature"] = cache.feature[idx]
+        batch = batch or pb
+    return s_out, t_out, batch
+
+
+def _draw_points(cache: TeacherCache, n: int, surface: float, g: torch.Generator) -> Tensor:
+    """Indices (n,) into the point pool: ``surface`` of them drawn with probability
+    proportional to the teacher's compositing weight, the rest uniformly."""
+    n_surf = int(round(n * surface)) if float(cache.weight.sum()) > 0 else 0
+    idx = torch.randint(0, len(cache.points), (n - n_surf,), generator=g)
+    if n_surf:
+        surf = torch.multinomial(cache.weight, n_surf, replacement=True, generator=g)
+        idx = torch.cat([idx, surf])
+    return idx
+
+
+def _set_stage_lr(opt: torch.optim.Adam, cfg: PVDConfig, scale: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = group["base_lr"] * scale
+
+
 @torch.no_grad()
 def evaluate_views(
     f: RadianceField, cameras: Cameras, images: Tensor, samples: int = 64, background="white"
@@ -344,8 +531,8 @@ def evaluate_views(
 def _optimizer(f: RadianceField, cfg: PVDConfig, extra: list[nn.Parameter]) -> torch.optim.Adam:
     groups = f.parameter_groups()
     params = [
-        {"params": groups["grid"], "lr": cfg.lr_grid},
-        {"params": groups["network"] + extra, "lr": cfg.lr_network},
+        {"params": groups["grid"], "lr": cfg.lr_grid, "base_lr": cfg.lr_grid},
+        {"params": groups["network"] + extra, "lr": cfg.lr_network, "base_lr": cfg.lr_network},
     ]
     return torch.optim.Adam([g for g in params if g["params"]], betas=(0.9, 0.99), eps=1e-15)
 
@@ -398,7 +585,7 @@ def _resolve_stages(cfg: PVDConfig, has_features: bool) -> list[PVDStage]:
     out = []
     for st in cfg.stages:
         losses = {k: v for k, v in st.losses.items() if k != "feature"}
-        out.append(PVDStage(st.name, st.steps, losses or {"sigma": 1.0}))
+        out.append(PVDStage(st.name, st.steps, losses or {"sigma": 1.0}, st.lr_scale))
     return out
 
 
@@ -448,21 +635,47 @@ def distill_volume(
     ray_cache = _flat_rays(cameras)
     aabb = teacher.aabb.detach()
     log = _new_log()
-    log["stages"] = [{"name": s.name, "steps": s.steps, "losses": s.losses} for s in stages]
+    log["stages"] = [
+        {"name": s.name, "steps": s.steps, "losses": s.losses, "lr_scale": s.lr_scale}
+        for s in stages
+    ]
     log["adapter"] = adapter is not None
     clock, cpu, step, feat_w = 0.0, 0.0, 0, 1.0
     _maybe_eval(log, student, 0, (clock, cpu), cfg, eval_views)
+    cache = None
+    if cfg.teacher_cache_points > 0:
+        # The teacher is fixed: query it once (counted in the clocks), never per step.
+        t0, c0 = time.perf_counter(), time.process_time()
+        run = [st for st in stages if st.steps > 0]
+        per_point = any(set(st.losses) - {"rgb"} for st in run)
+        cache = build_teacher_cache(
+            teacher, cameras, cfg, g,
+            features=t_feat if any("feature" in st.losses for st in run) else None,
+            n_points=cfg.teacher_cache_points if per_point else 0,
+            n_rays=cfg.teacher_cache_rays if any("rgb" in st.losses for st in run) else 0,
+            ray_cache=ray_cache,
+        )  # fmt: skip
+        clock += time.perf_counter() - t0
+        cpu += time.process_time() - c0
+    log["cache_seconds"] = clock
+    log["cache_cpu_seconds"] = cpu
     for st in stages:
         needs = set().union(*(losses[k].needs for k in st.losses))
+        _set_stage_lr(opt, cfg, st.lr_scale)
         for _ in range(st.steps):
             t0, c0 = time.perf_counter(), time.process_time()
-            batch = sample_batch(
-                cameras, aabb, cfg.rays_per_step, cfg.samples_per_ray, cfg.uniform_points, g,
-                ray_cache,
-            )  # fmt: skip
-            with torch.no_grad():
-                t_out = _query(teacher, batch, needs, t_feat, None, cfg.background)
-            s_out = _query(student, batch, needs, s_feat, adapter, cfg.background)
+            if cache is not None:
+                s_out, t_out, batch = _cached_outputs(
+                    student, cache, needs, cfg, g, s_feat, adapter
+                )
+            else:
+                batch = sample_batch(
+                    cameras, aabb, cfg.rays_per_step, cfg.samples_per_ray, cfg.uniform_points,
+                    g, ray_cache,
+                )  # fmt: skip
+                with torch.no_grad():
+                    t_out = _query(teacher, batch, needs, t_feat, None, cfg.background)
+                s_out = _query(student, batch, needs, s_feat, adapter, cfg.background)
             total, terms = 0.0, {}
             for name, w in st.losses.items():
                 term = losses[name].fn(s_out, t_out, batch, cfg)

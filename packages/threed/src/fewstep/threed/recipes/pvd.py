@@ -59,7 +59,10 @@ class PVDRecipeConfig:
     sigma_clip: tuple[float, float] = (-2.0, 7.0)  # log-density range of the losses (PVD)
     rays_per_step: int = 256  # rays per step
     samples_per_ray: int = 32  # samples per ray
-    uniform_points: int = 2048  # extra uniform points per step (per-point losses)
+    uniform_points: int = 2048  # live mode: extra uniform points per step (per-point losses)
+    teacher_cache_points: int = 65536  # teacher answers computed once (0: query it every step)
+    teacher_cache_rays: int = 4096  # rays whose teacher colour is computed once (rgb term)
+    point_batch: int = 8192  # cached pool points per step for the per-point terms
     lr_grid: float = 0.02  # grids / hash tables / VM factors
     lr_network: float = 5e-3  # MLP weights
     eval_every: int = 50  # steps between held-out evaluations
@@ -78,6 +81,9 @@ def _pvd_config(cfg: PVDRecipeConfig):
         rays_per_step=cfg.rays_per_step,
         samples_per_ray=cfg.samples_per_ray,
         uniform_points=cfg.uniform_points,
+        teacher_cache_points=cfg.teacher_cache_points,
+        teacher_cache_rays=cfg.teacher_cache_rays,
+        point_batch=cfg.point_batch,
         lr_grid=cfg.lr_grid,
         lr_network=cfg.lr_network,
         background=cfg.scene.background,
