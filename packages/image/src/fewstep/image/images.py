@@ -126,13 +126,17 @@ def _square(img, size: int) -> Tensor:
 @torch.no_grad()
 def encode_images(pipe, images: Tensor, batch_size: int = 16) -> Tensor:
     """Latents of images in [-1, 1] as the pipeline's denoiser sees them: the VAE's posterior
-    mean, shifted and scaled by the VAE config (``(z - shift_factor) * scaling_factor``)."""
+    mean (or an AutoencoderDC's latent), shifted and scaled by the VAE config
+    (``(z - shift_factor) * scaling_factor``)."""
     vae = pipe.vae
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     out = []
     for i in range(0, len(images), batch_size):
         x = images[i : i + batch_size].to(pipe.device, vae.dtype)
-        out.append((vae.encode(x).latent_dist.mean - shift) * vae.config.scaling_factor)
+        enc = vae.encode(x)
+        # KL autoencoders give a posterior (its mean); SANA's AutoencoderDC a latent
+        z = enc.latent_dist.mean if hasattr(enc, "latent_dist") else enc.latent
+        out.append((z - shift) * vae.config.scaling_factor)
     return torch.cat(out)
 
 

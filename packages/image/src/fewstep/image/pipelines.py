@@ -1,7 +1,7 @@
 """Teachers from diffusers pipeline folders, and students exported back to them.
 
-The pipeline's denoiser (a ``UNet2DConditionModel``, or a flow-matching ``*Transformer2DModel``)
-becomes a core ``Denoiser`` on the path its scheduler defines; the VAE and text encoders
+The pipeline's denoiser (a ``UNet2DConditionModel``, or a ``*Transformer2DModel``: SD3, PixArt,
+SANA, Flux) becomes a core ``Denoiser`` on the path its scheduler defines; the VAE and text encoders
 stay frozen inside the pipeline and are shared by teacher, student and critics, so
 distillation runs in latent space on cached text embeddings. The student is exported as a
 copy of the pipeline with the student's network and a few-step scheduler, loadable with
@@ -17,17 +17,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fewstep.core.diffusers_schedulers import is_flow_config, path_from_scheduler
 from fewstep.core.models import Denoiser, DiffusersUNetDenoiser
-from fewstep.core.paths import Path, RectifiedFlow, VPDiscrete
-
-_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 
 
 def load_pipeline(path: str | FsPath, device: str | torch.device = "cpu"):
-    """A diffusers pipeline from a local folder, frozen, in eval mode, on ``device``."""
+    """A diffusers pipeline from a local folder, frozen, in eval mode, on ``device``; a
+    multi-student folder (``routing.json`` beside K pipelines) loads as a
+    ``MultiStudentPipeline``."""
     from diffusers import DiffusionPipeline
 
     folder = FsPath(path)
+    from fewstep.image.multi_student import ROUTING_FILE, MultiStudentPipeline
+
+    if (folder / ROUTING_FILE).exists():
+        return MultiStudentPipeline.from_pretrained(folder, device)
     if not (folder / "model_index.json").exists():
         raise FileNotFoundError(
             f"{folder} is not a diffusers pipeline folder (expected model_index.json, as "
@@ -51,25 +55,6 @@ def absent_components(folder: str | FsPath) -> dict[str, None]:
     return {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
 
 
-def path_from_scheduler(config: Any) -> tuple[Path, str]:
-    """(path, prediction kind) that a scheduler config trains on: flow-matching schedulers
-    give rectified flow with velocity prediction (time x num_train_timesteps); DDPM-family
-    schedulers give diffusers' discrete VP table and their ``prediction_type``."""
-    n = int(config.get("num_train_timesteps", 1000))
-    if "FlowMatch" in config.get("_class_name", ""):
-        return RectifiedFlow(time_scale=float(n)), "velocity"
-    pred = config.get("prediction_type", "epsilon")
-    if pred not in _PREDICTIONS:
-        raise ValueError(f"unsupported prediction_type {pred!r}; expected {sorted(_PREDICTIONS)}")
-    path = VPDiscrete(
-        schedule=config.get("beta_schedule", "linear"),
-        num_train_timesteps=n,
-        beta_start=float(config.get("beta_start", 1e-4)),
-        beta_end=float(config.get("beta_end", 0.02)),
-    )
-    return path, _PREDICTIONS[pred]
-
-
 def network_name(pipe) -> str:
     """The pipeline component that is the denoiser: ``unet`` or ``transformer``."""
     for name in ("unet", "transformer"):
@@ -78,16 +63,44 @@ def network_name(pipe) -> str:
     raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer component")
 
 
+def _flux_adapter(net, path, prediction, pipe):
+    from fewstep.image.transformer_adapters import FluxDenoiser
+
+    return FluxDenoiser(net, path, prediction)
+
+
+def _latent_transformer_adapter(net, path, prediction, pipe):
+    from fewstep.image.transformer_adapters import LatentTransformerDenoiser
+
+    return LatentTransformerDenoiser(net, path, prediction, pixels_per_latent=vae_factor(pipe))
+
+
+def _unet_adapter(net, path, prediction, pipe):
+    return DiffusersUNetDenoiser(net, path, prediction)
+
+
+# denoiser network class -> (net, path, prediction, pipe) -> core Denoiser; transformers not
+# named here (SD3, PixArt, SANA) take the latent-transformer adapter
+DENOISER_ADAPTERS: dict[str, Callable[..., Denoiser]] = {
+    "UNet2DConditionModel": _unet_adapter,
+    "FluxTransformer2DModel": _flux_adapter,
+}
+
+
 def teacher_denoiser(pipe) -> Denoiser:
     """The pipeline's denoiser as a core ``Denoiser`` (frozen; it is the pipeline's own)."""
-    from fewstep.core.models import DiffusersTransformerDenoiser
-
     path, prediction = path_from_scheduler(pipe.scheduler.config)
-    name = network_name(pipe)
-    net = getattr(pipe, name)
-    if name == "unet":
-        return DiffusersUNetDenoiser(net, path, prediction)
-    return DiffusersTransformerDenoiser(net, path, prediction)
+    net = getattr(pipe, network_name(pipe))
+    adapter = DENOISER_ADAPTERS.get(type(net).__name__, _latent_transformer_adapter)
+    return adapter(net, path, prediction, pipe)
+
+
+def denoiser_network(den: nn.Module) -> nn.Module:
+    """The diffusers network inside a denoiser adapter (``unet`` or ``transformer``)."""
+    for name in ("unet", "transformer"):
+        if isinstance(getattr(den, name, None), nn.Module):
+            return getattr(den, name)
+    raise ValueError(f"{type(den).__name__} wraps neither a unet nor a transformer")
 
 
 # --- text conditions -------------------------------------------------------------------------
@@ -103,11 +116,92 @@ def _encode_sd3(pipe, prompts: list[str]) -> dict[str, Tensor]:
     return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
 
+def call_default(pipe, name: str) -> Any:
+    """The default of ``pipe.__call__``'s argument ``name``: prompts are encoded for
+    distillation exactly as the pipeline encodes them when sampling."""
+    import inspect
+
+    return inspect.signature(type(pipe).__call__).parameters[name].default
+
+
+def _encode_t5_masked(pipe, prompts: list[str], **extra) -> dict[str, Tensor]:
+    """PixArt / SANA: the text tokens and their attention mask (both reach the transformer);
+    no caption cleaning (see ``CALL_DEFAULTS``)."""
+    embeds, mask, _, _ = pipe.encode_prompt(
+        prompts,
+        do_classifier_free_guidance=False,
+        device=pipe.device,
+        clean_caption=False,
+        max_sequence_length=call_default(pipe, "max_sequence_length"),
+        **extra,
+    )
+    return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+
+
+def _encode_pixart(pipe, prompts: list[str]) -> dict[str, Tensor]:
+    return _encode_t5_masked(pipe, prompts)
+
+
+def _encode_sana(pipe, prompts: list[str]) -> dict[str, Tensor]:
+    # SanaPipeline prefixes every prompt with its "complex human instruction" by default
+    chi = call_default(pipe, "complex_human_instruction")
+    return _encode_t5_masked(pipe, prompts, complex_human_instruction=chi)
+
+
+def _encode_flux(pipe, prompts: list[str]) -> dict[str, Tensor]:
+    embeds, pooled, _ = pipe.encode_prompt(
+        prompts,
+        prompts,
+        device=pipe.device,
+        max_sequence_length=call_default(pipe, "max_sequence_length"),
+    )
+    return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+
 # pipeline class -> prompts -> the denoiser's condition (what its forward takes besides x, t)
 PROMPT_ENCODERS: dict[str, Callable[[Any, list[str]], Any]] = {
     "StableDiffusionPipeline": _encode_sd,
     "StableDiffusion3Pipeline": _encode_sd3,
+    "PixArtAlphaPipeline": _encode_pixart,
+    "PixArtSigmaPipeline": _encode_pixart,
+    "SanaPipeline": _encode_sana,
+    "FluxPipeline": _encode_flux,
 }
+
+_NO_BINNING = {"use_resolution_binning": False, "clean_caption": False}
+# pipeline class -> keyword arguments every call needs: PixArt / SANA snap sizes to their
+# aspect-ratio bins (only defined for their released sample sizes) and would clean captions
+# with bs4/ftfy when installed; fewstep samples at the size it distilled, on raw prompts
+CALL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "PixArtAlphaPipeline": _NO_BINNING,
+    "PixArtSigmaPipeline": _NO_BINNING,
+    "SanaPipeline": _NO_BINNING,
+}
+
+
+# pipelines whose default image size is a fixed 1024 pixels, not the transformer's sample size
+SIZE_FROM_MODEL = ("SanaPipeline",)
+
+
+def call_kwargs(pipe) -> dict[str, Any]:
+    """Keyword arguments every call of ``pipe`` gets from fewstep: ``CALL_DEFAULTS`` for its
+    class, and for ``SIZE_FROM_MODEL`` pipelines the image size of the model's own
+    ``sample_size`` (as SD and PixArt default to)."""
+    kw = dict(CALL_DEFAULTS.get(type(pipe).__name__, {}))
+    if type(pipe).__name__ in SIZE_FROM_MODEL:
+        side = latent_shape(pipe)[-1] * vae_factor(pipe)
+        kw.update(height=side, width=side)
+    if _guidance_embedded(pipe):
+        from fewstep.image.transformer_adapters import FLUX_GUIDANCE
+
+        # the guidance value FluxDenoiser embeds: the pipeline samples what fewstep distils
+        kw["guidance_scale"] = FLUX_GUIDANCE
+    return kw
+
+
+def _guidance_embedded(pipe) -> bool:
+    net = getattr(pipe, "transformer", None)
+    return type(net).__name__ == "FluxTransformer2DModel" and bool(net.config.guidance_embeds)
 
 
 @torch.no_grad()
@@ -130,13 +224,22 @@ def encode_prompts(pipe, prompts: list[str], batch_size: int = 64) -> Any:
 
 def vae_factor(pipe) -> int:
     """Pixels per latent along each side."""
-    return getattr(pipe, "vae_scale_factor", 2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    if getattr(pipe, "vae_scale_factor", None):
+        return int(pipe.vae_scale_factor)
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
 
 def latent_shape(pipe, resolution: int | None = None) -> tuple[int, int, int]:
     """(channels, height, width) of the latents for square images of ``resolution`` pixels
-    (default: the denoiser's own ``sample_size``)."""
+    (default: the denoiser's own ``sample_size``; for Flux, whose transformer has none, the
+    pipeline's ``default_sample_size``). Flux latents are (in_channels / 4) channels at an
+    even size: the adapter packs them into 2x2 tokens."""
     net = getattr(pipe, network_name(pipe))
+    if type(net).__name__ == "FluxTransformer2DModel":
+        f = vae_factor(pipe)
+        pixels = resolution or pipe.default_sample_size * f
+        size = 2 * (pixels // (2 * f))  # as FluxPipeline.prepare_latents
+        return (net.config.in_channels // 4, size, size)
     size = net.config.sample_size if resolution is None else resolution // vae_factor(pipe)
     return (net.config.in_channels, size, size)
 
@@ -163,6 +266,11 @@ def add_lora(net: nn.Module, rank: int, alpha: float = 0.0, targets=LORA_TARGETS
 
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    if not hasattr(net, "add_adapter"):  # e.g. PixArtTransformer2DModel in diffusers 0.42
+        raise ValueError(
+            f"{type(net).__name__} has no diffusers LoRA support (PeftAdapterMixin); distil "
+            "full weights (--lora-rank 0)"
+        )
     net.requires_grad_(False)
     net.add_adapter(
         LoraConfig(
@@ -203,20 +311,20 @@ def save_lora(pipe, net: nn.Module, out_dir: str | FsPath) -> FsPath:
 
 # --- export -------------------------------------------------------------------------------
 def _is_flow(pipe) -> bool:
-    return "FlowMatch" in pipe.scheduler.config.get("_class_name", "")
+    return is_flow_config(pipe.scheduler.config)
 
 
 def student_scheduler(pipe):
     """A stock diffusers scheduler that samples the student as fewstep does: predict x0,
     re-noise to the next time with fresh noise. LCMScheduler on DDPM-family paths (c_skip
     at its times is < 1e-7, so each step is the x0 prediction); FlowMatchEuler with
-    ``stochastic_sampling`` and no shift on flow matching (x0 = x - sigma v, then
-    (1 - sigma') x0 + sigma' noise)."""
+    ``stochastic_sampling``, no shift and no resolution-dependent (Flux) shift on flow
+    matching (x0 = x - sigma v, then (1 - sigma') x0 + sigma' noise)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
 
     if _is_flow(pipe):
         return FlowMatchEulerDiscreteScheduler.from_config(
-            pipe.scheduler.config, shift=1.0, stochastic_sampling=True
+            pipe.scheduler.config, shift=1.0, stochastic_sampling=True, use_dynamic_shifting=False
         )
     return LCMScheduler.from_config(pipe.scheduler.config)
 
@@ -245,9 +353,10 @@ def pipeline_kwargs(folder: str | FsPath, steps: int | None = None) -> dict:
     import json
 
     info = json.loads((FsPath(folder) / STUDENT_FILE).read_text())
+    extra = dict(info.get("call", {}))  # e.g. Flux's embedded guidance_scale
     if steps is not None and steps != info["steps"]:
-        return {"num_inference_steps": steps}  # another step count: the scheduler's own grid
-    kw = {"num_inference_steps": info["steps"]}
+        return {"num_inference_steps": steps, **extra}  # the scheduler's own grid
+    kw = {"num_inference_steps": info["steps"], **extra}
     if info.get("sigmas"):
         kw["sigmas"] = info["sigmas"]
     return kw
@@ -268,8 +377,10 @@ def export_student(
     components[name] = merged(student).eval()
     components["scheduler"] = student_scheduler(pipe)
     type(pipe)(**components).save_pretrained(str(out))
-    info = {"steps": len(times), "times": list(times)}
+    info: dict[str, Any] = {"steps": len(times), "times": list(times)}
     if _is_flow(pipe) and len(times) > 1:
         info["sigmas"] = list(times)  # flow matching: sigma = t
+    if _guidance_embedded(pipe):  # the embedded guidance the student was distilled with
+        info["call"] = {"guidance_scale": call_kwargs(pipe)["guidance_scale"]}
     (out / STUDENT_FILE).write_text(json.dumps(info, indent=2))
     return out

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from fewstep.core.training import TrainConfig
+from fewstep.image import multi_student as MS
 
 PIPELINE_DIR = "pipeline"  # the student as a whole pipeline (LoRA merged)
 LORA_DIR = "lora"  # LoRA students: the adapters alone, for the teacher's pipeline
@@ -79,10 +80,12 @@ class LatentRecipe:
 
         # a LoRA fake score (--objective.fake_lora_rank) adapts the attention projections,
         # as the LoRA student does
-        return {"dmd2": {"fake_lora_targets": LORA_TARGETS}}.get(objective, {})
+        dmd2 = {"fake_lora_targets": LORA_TARGETS}
+        return {"dmd2": dmd2, "multi_student": dmd2}.get(objective, {})
 
     def config_defaults(self, objective: str) -> dict[str, str]:
-        return {"dmd2": {"train.betas": "0.0,0.99"}}.get(objective, {})  # as on digits
+        dmd2 = {"train.betas": "0.0,0.99"}  # as on digits
+        return {"dmd2": dmd2, "multi_student": dmd2}.get(objective, {})
 
     # ---------------------------------------------------------------------------------
     def distill(self, cfg: LatentConfig, obj_cfg, out_dir: Path) -> dict:
@@ -97,11 +100,22 @@ class LatentRecipe:
         device = D.setup(cfg.device).device
         pipe = P.load_pipeline(cfg.teacher, device)
         teacher_id = str(Path(cfg.teacher).resolve())
-        data, prompts = make_data(cfg, pipe, teacher_id)
+        base, msd = P.teacher_denoiser(pipe), None
+        if cfg.objective in MS.OBJECTIVES:  # K students: prompts become routed labels
+            msd = multi_student_setup(cfg, pipe, teacher_id, obj_cfg)
+            data, prompts, null, obj_cfg, base = (
+                msd.data,
+                msd.prompts,
+                msd.null,
+                msd.obj_cfg,
+                msd.wrap(base),
+            )
+        else:
+            data, prompts = make_data(cfg, pipe, teacher_id)
+            null = cached_embeddings(pipe, [cfg.negative_prompt], teacher_id)
         (out_dir / PROMPTS_FILE).parent.mkdir(parents=True, exist_ok=True)
         (out_dir / PROMPTS_FILE).write_text("\n".join(prompts) + "\n")
-        null = cached_embeddings(pipe, [cfg.negative_prompt], teacher_id)
-        teacher = GuidedDenoiser(P.teacher_denoiser(pipe), guidance(cfg), null_cond_fn(null))
+        teacher = GuidedDenoiser(base, guidance(cfg), null_cond_fn(null))
         if not obj_cfg.student_times:  # train on the grid the exported scheduler samples
             times = P.student_times(pipe, obj_cfg.student_steps)
             obj_cfg = dataclasses.replace(obj_cfg, student_times=times)
@@ -123,10 +137,14 @@ class LatentRecipe:
         if not trainer.dist.is_main:
             return {}
         ema = trainer.sampling_denoiser(use_ema=True)
-        net = getattr(ema, P.network_name(pipe))
-        P.export_student(pipe, net, out_dir / PIPELINE_DIR, tuple(obj_cfg.student_times))
-        if P.has_lora(net):
-            P.save_lora(pipe, net, out_dir / LORA_DIR)
+        times = tuple(obj_cfg.student_times)
+        if msd is not None:  # K pipelines and the routing (a MultiStudentPipeline folder)
+            MS.export_students(pipe, ema, out_dir / PIPELINE_DIR, times, msd.routing)
+        else:
+            net = getattr(ema, P.network_name(pipe))
+            P.export_student(pipe, net, out_dir / PIPELINE_DIR, times)
+            if P.has_lora(net):
+                P.save_lora(pipe, net, out_dir / LORA_DIR)
         metrics = evaluate_pipelines(cfg, pipe, out_dir, prompts)
         metrics.update(distill_seconds=distill_seconds, distill_steps=cfg.train.steps)
         metrics.update(gradient_checkpointing_roles=ckpt)
@@ -206,6 +224,18 @@ class LatentRecipe:
         return rep.write()
 
 
+def multi_student_setup(cfg: LatentConfig, pipe, teacher_id: str, obj_cfg):
+    """Multi-student runs: prompts partitioned by a ``group<TAB>prompt`` column or k-means
+    (see ``fewstep.image.multi_student``); prompt-only."""
+    if cfg.images or not cfg.prompts:
+        raise ValueError(
+            f"{cfg.objective} on text pipelines needs --prompts FILE (lines 'group<TAB>prompt', "
+            "or plain prompts split by k-means), not --images"
+        )
+    res = cfg.resolution or None
+    return MS.setup(cfg.prompts, pipe, teacher_id, obj_cfg, cfg.negative_prompt, res)
+
+
 def make_data(cfg: LatentConfig, pipe, teacher_id: str):
     """(data source, prompts for the report): image latents with their captions' embeddings
     when ``images`` is set (captions are the report's prompts unless ``prompts`` is set),
@@ -274,7 +304,11 @@ def run_pipeline(pipe, prompts, seed: int, guidance=1.0, resolution=0, negative=
     """Images in [0, 1] (N, 3, H, W) from a diffusers pipeline, seeded; ``resolution`` 0
     keeps the pipeline's default size; ``call`` holds ``num_inference_steps`` (and
     ``sigmas``, ...)."""
+    from fewstep.image.pipelines import call_kwargs
+
     g = torch.Generator(device="cpu").manual_seed(seed)
+    call = {**call_kwargs(pipe), **call}  # e.g. PixArt / SANA: no resolution binning
+    guidance = call.pop("guidance_scale", guidance)  # a Flux student's embedded guidance
     if resolution:
         call.update(height=resolution, width=resolution)
     if negative and guidance > 1:
