@@ -1,0 +1,178 @@
+"""A two-condition video model for VDOT's multi-condition student: digit class + motion
+direction.
+
+VDOT (Wang et al. 2025, arXiv 2512.06802) distils one student that generates under several
+kinds of condition. At moving-digits scale the second condition is the motion direction of the
+clip's first digit (``evaluate.direction_bin`` of its initial velocity: right, down, left,
+up; digits bounce off the borders, so it is the direction the clip starts with), which the
+video classifier's direction head can check on generated videos.
+
+``VideoDiT`` takes one label per clip, so the condition pair is fed through its label input
+without editing it: ``TwoConditionNet`` encodes (digit, direction) as one joint index and
+replaces the DiT's label table by ``PairEmbedding``, which decodes the index and sums a digit
+embedding (the class teacher's own table) and a direction embedding (zero-initialised, so the
+two-condition model starts as the class teacher). Conditions are (B, 2) long tensors
+``[digit, direction]``; (10, 4) is the null pair of classifier-free guidance.
+
+The two-condition teacher is the cached class teacher fine-tuned on (clip, digit, direction)
+with the flow-matching loss (core ``pretrain.train_denoiser``), both conditions dropped
+together 10 % of the time, and cached by its config.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.core.models import ModuleDenoiser
+from fewstep.video.dit import VideoDiT
+from fewstep.video.evaluate import DIRECTION_BINS
+from fewstep.video.teacher import NUM_CLASSES, VideoDataConfig, VideoTeacherConfig
+
+NULL_DIRECTION = DIRECTION_BINS  # direction index of the null condition
+_SPAN = DIRECTION_BINS + 1  # directions per digit in the joint index (null included)
+
+
+def null_pair(cond: Tensor) -> Tensor:
+    """The CFG null condition shaped like ``cond`` (B, 2): (10, 4) in every row."""
+    null = torch.tensor([NUM_CLASSES, NULL_DIRECTION], dtype=cond.dtype, device=cond.device)
+    return null.expand_as(cond).clone()
+
+
+def joint_index(cond: Tensor) -> Tensor:
+    """(B, 2) [digit in 0..10, direction in 0..4] -> (B,) digit * 5 + direction; raises on
+    a wrong shape or an index out of range."""
+    if cond.ndim != 2 or cond.shape[1] != 2:
+        raise ValueError(
+            f"two-condition input must be (B, 2) [digit, direction], got {tuple(cond.shape)}"
+        )
+    c = cond.long()
+    digit, direction = c[:, 0], c[:, 1]
+    if bool((digit < 0).any() | (digit > NUM_CLASSES).any()) or bool(
+        (direction < 0).any() | (direction > NULL_DIRECTION).any()
+    ):
+        raise ValueError(
+            f"digits must be in 0..{NUM_CLASSES} ({NUM_CLASSES} = null) and directions in "
+            f"0..{NULL_DIRECTION} ({NULL_DIRECTION} = null), got {c.tolist()}"
+        )
+    return digit * _SPAN + direction
+
+
+class PairEmbedding(nn.Module):
+    """Stands in for ``VideoDiT.label``: joint index -> digit embedding + direction
+    embedding (B,) -> (B, dim)."""
+
+    def __init__(self, digit: nn.Embedding):
+        super().__init__()
+        self.digit = digit
+        self.direction = nn.Embedding(_SPAN, digit.embedding_dim)
+        nn.init.zeros_(self.direction.weight)  # start as the class-conditional model
+
+    def forward(self, joint: Tensor) -> Tensor:
+        return self.digit(joint // _SPAN) + self.direction(joint % _SPAN)
+
+
+class TwoConditionNet(nn.Module):
+    """``net(x (B, T, C, H, W), time (B,), cond (B, 2) [digit, direction] or None)``; None is
+    the null pair. Wraps a class-conditional ``VideoDiT`` (taken over, not copied)."""
+
+    def __init__(self, dit: VideoDiT):
+        super().__init__()
+        if dit.label is None or dit.cfg.num_classes != NUM_CLASSES:
+            raise ValueError(f"the DiT must be class-conditional with {NUM_CLASSES} classes")
+        dit.label = PairEmbedding(dit.label)
+        self.dit = dit
+
+    def forward(self, x: Tensor, time: Tensor, cond: Tensor | None = None) -> Tensor:
+        if cond is None:
+            cond = null_pair(torch.zeros(len(x), 2, dtype=torch.long, device=x.device))
+        return self.dit(x, time, joint_index(cond))
+
+
+def two_condition_model(teacher: ModuleDenoiser) -> ModuleDenoiser:
+    """A trainable two-condition model initialised from a class teacher (a copy)."""
+    net = TwoConditionNet(copy.deepcopy(teacher.net))
+    return ModuleDenoiser(net, teacher.path, teacher.prediction).requires_grad_(True)
+
+
+# --------------------------------------------------------------------------------- data
+
+
+def load_two_condition_clips(cfg: VideoDataConfig) -> tuple[Tensor, Tensor]:
+    """(clips (N, T, 3, H, W) in [-1, 1], conditions (N, 2) [first digit's label, its
+    direction bin]) from the teacher's MP4 clips (``teacher.load_clips``) and the metadata
+    the generator wrote beside them."""
+    from fewstep.core.cache import cache_key, cache_root
+    from fewstep.video.evaluate import direction_bin
+    from fewstep.video.io import VideoClipDataset
+    from fewstep.video.teacher import load_clips
+
+    folder = cache_root() / "video-data" / cache_key(dataclasses.asdict(cfg))
+    clips, labels = load_clips(cfg, folder)
+    meta = json.loads((folder / "metadata.json").read_text())
+    dir_of = {v["file"]: direction_bin(v["digits"][0]["velocity"]) for v in meta["videos"]}
+    ds = VideoClipDataset(folder, clip_len=cfg.frames, random_clip=False)
+    directions = torch.tensor([dir_of[info.path.name] for info in ds.videos])
+    if len(directions) != len(labels):
+        raise RuntimeError(f"{folder}: {len(labels)} clips but {len(directions)} directions")
+    return clips, torch.stack([labels, directions], 1)
+
+
+# ------------------------------------------------------------------------------ teacher
+
+
+@dataclass
+class TwoConditionTeacherConfig:
+    base: VideoTeacherConfig = field(default_factory=VideoTeacherConfig)  # class teacher
+    steps: int = 1000  # fine-tuning steps with the direction condition
+    batch_size: int = 32  # fine-tuning batch
+    lr: float = 3e-4  # AdamW learning rate
+    cond_dropout: float = 0.1  # both conditions dropped together (CFG)
+    seed: int = 0  # fine-tuning seed
+
+
+def load_two_condition_teacher(
+    cfg: TwoConditionTeacherConfig, progress: bool = True
+) -> tuple[ModuleDenoiser, dict]:
+    """(frozen two-condition teacher, info); fine-tuned from the class teacher and cached."""
+    from fewstep.core.cache import cached_module
+    from fewstep.core.pretrain import train_denoiser
+    from fewstep.core.training import TensorData
+    from fewstep.video.teacher import load_teacher
+
+    base, _ = load_teacher(cfg.base, progress=progress)
+    spec = {**dataclasses.asdict(cfg), "model": "video-dit-2cond-v1"}
+
+    def train(model: ModuleDenoiser) -> dict:
+        clips, cond = load_two_condition_clips(cfg.base.data)
+        t0 = time.perf_counter()
+        ema, losses = train_denoiser(
+            model, TensorData(clips, cond), steps=cfg.steps, batch_size=cfg.batch_size,
+            lr=cfg.lr, seed=cfg.seed, cond_dropout=cfg.cond_dropout, null_cond=null_pair,
+            progress=progress,
+        )  # fmt: skip
+        model.load_state_dict(ema.state_dict())
+        tail = losses[-50:]
+        return {"train_seconds": time.perf_counter() - t0, "final_loss": sum(tail) / len(tail)}
+
+    model, info, _ = cached_module("video-teacher-2cond", spec, two_condition_model(base), train)
+    return model.eval().requires_grad_(False), info
+
+
+__all__ = [
+    "NULL_DIRECTION",
+    "PairEmbedding",
+    "TwoConditionNet",
+    "TwoConditionTeacherConfig",
+    "joint_index",
+    "load_two_condition_clips",
+    "load_two_condition_teacher",
+    "null_pair",
+    "two_condition_model",
+]
