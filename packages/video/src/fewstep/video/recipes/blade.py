@@ -40,6 +40,7 @@ import torch
 from fewstep.core.training import TrainConfig
 from fewstep.video.blade import ASAConfig
 from fewstep.video.evaluate import ClassifierConfig
+from fewstep.video.recipes.common import merge_metrics, resolve_device, tile_videos
 from fewstep.video.teacher import VideoTeacherConfig
 
 
@@ -69,10 +70,6 @@ class BLADEConfig:
     eval: BladeEvalConfig = field(default_factory=BladeEvalConfig)  # evaluation
     threads: int = 1  # torch CPU threads (0 = torch's default)
     device: str = "auto"  # cpu, cuda, or auto
-
-
-def _device(name: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def _guided(cfg: BLADEConfig, teacher):
@@ -122,7 +119,7 @@ class BLADERecipe:
         if dit_cfg.attention != "full":
             raise ValueError("BLADE needs a full-attention teacher (teacher.attention=full)")
         check_asa(cfg.asa, dit_cfg.grid())  # fail before any training
-        out_dir, device = Path(out_dir), _device(cfg.device)
+        out_dir, device = Path(out_dir), resolve_device(cfg.device)
         teacher, tinfo = load_teacher(cfg.teacher, progress=cfg.train.progress)
         clips, labels = load_clips(cfg.teacher.data)
         objective = self._objective(cfg, obj_cfg, teacher)
@@ -238,7 +235,7 @@ class BLADERecipe:
                         ("teacher", t_sample.x)):  # fmt: skip
             q = evaluate_videos(v.cpu(), labels.cpu(), ref, clf, ref_labels)
             metrics.update({f"{name}_{k}": val for k, val in q.items()})
-        rows = [_tile(v[:8]) for v in (t_sample.x, d_sample.x, s_sample.x)]
+        rows = [tile_videos(v[:8]) for v in (t_sample.x, d_sample.x, s_sample.x)]
         write_video(out_dir / "side_by_side.gif", torch.cat(rows, 2), e.fps)
         save_line_plot(
             out_dir / "density.png", {"kept fraction": list(enumerate(densities))},
@@ -265,20 +262,15 @@ class BLADERecipe:
         with torch.no_grad():
             video = sampler.sample(student, noise, labels).x
         out = Path(out) if out else Path(run_dir) / f"samples_{n}.gif"
-        return write_video(out, _tile(video), cfg.eval.fps)
+        return write_video(out, tile_videos(video), cfg.eval.fps)
 
     def evaluate(self, run_dir: Path) -> dict:
-        from fewstep.core.io import atomic_write_json
         from fewstep.video.teacher import load_clips
 
         cfg, objective, teacher, student = self.load(run_dir)
         clips, labels = load_clips(cfg.teacher.data)
         m = self._evaluate(cfg, objective, teacher, student, clips, labels, Path(run_dir))
-        old = Path(run_dir) / "metrics.json"
-        if old.exists():  # keep the training figures of the run
-            m = {**json.loads(old.read_text()), **m}
-        atomic_write_json(old, m)
-        return {k: v for k, v in m.items() if not isinstance(v, (list, dict))}
+        return merge_metrics(run_dir, m)
 
     def report(self, run_dir: Path) -> Path:
         from fewstep.core.report import Report
@@ -319,11 +311,6 @@ class BLADERecipe:
             rep.add_image("Rows: teacher, dense-attention student, sparse student",
                           run_dir / "side_by_side.gif")  # fmt: skip
         return rep.write()
-
-
-def _tile(video: torch.Tensor) -> torch.Tensor:
-    """(B, T, C, H, W) -> (T, C, H, B * W): the videos side by side, clamped to [-1, 1]."""
-    return video.detach().cpu().clamp(-1, 1).permute(1, 2, 3, 0, 4).flatten(3)
 
 
 BLADE = BLADERecipe()

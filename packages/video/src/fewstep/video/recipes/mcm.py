@@ -34,6 +34,7 @@ from torch import Tensor
 from fewstep.core.training import TrainConfig
 from fewstep.video.evaluate import ClassifierConfig
 from fewstep.video.mcm import MCMLossConfig
+from fewstep.video.recipes.common import merge_metrics, resolve_device, tile_videos
 from fewstep.video.teacher import VideoDataConfig, VideoTeacherConfig
 
 
@@ -70,10 +71,6 @@ class MCMConfig:
     eval: MCMEvalConfig = field(default_factory=MCMEvalConfig)  # evaluation
     threads: int = 1  # torch CPU threads (0 = torch's default)
     device: str = "auto"  # cpu, cuda, or auto
-
-
-def _device(name: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def _hq_data(cfg: MCMConfig, videos: int, seed: int) -> VideoDataConfig:
@@ -146,7 +143,7 @@ class MCMRecipe:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.check(cfg)
-        out_dir, device = Path(out_dir), _device(cfg.device)
+        out_dir, device = Path(out_dir), resolve_device(cfg.device)
         teacher, tinfo = load_teacher(cfg.teacher, progress=cfg.train.progress)
         clips, labels = load_clips(cfg.teacher.data)  # low quality: the teacher's data
         real_frames = None
@@ -254,8 +251,8 @@ class MCMRecipe:
                 metrics[f"{name}_{key}"] = v
         fps = e.fps
         for name, v in videos.items():
-            write_video(out_dir / f"samples_{name}.gif", _tile(v[:8]), fps)
-        write_video(out_dir / "samples_high_quality_reference.gif", _tile(ref[:8]), fps)
+            write_video(out_dir / f"samples_{name}.gif", tile_videos(v[:8]), fps)
+        write_video(out_dir / "samples_high_quality_reference.gif", tile_videos(ref[:8]), fps)
         return metrics
 
     # --- CLI commands ----------------------------------------------------------------------
@@ -274,20 +271,15 @@ class MCMRecipe:
         with torch.no_grad():
             video = FewStepSampler.uniform(k, generator=gen).sample(student, noise, labels).x
         out = Path(out) if out else Path(run_dir) / f"samples_{n}.gif"
-        return write_video(out, _tile(video), cfg.eval.fps)
+        return write_video(out, tile_videos(video), cfg.eval.fps)
 
     def evaluate(self, run_dir: Path) -> dict:
-        from fewstep.core.io import atomic_write_json
         from fewstep.video.teacher import load_clips
 
         cfg, teacher, student = self.load(run_dir)
         clips, _ = load_clips(cfg.teacher.data)
         m = self._evaluate(cfg, teacher, student, clips, Path(run_dir))
-        old = Path(run_dir) / "metrics.json"
-        if old.exists():  # keep the training figures of the run
-            m = {**json.loads(old.read_text()), **m}
-        atomic_write_json(old, m)
-        return {k: v for k, v in m.items() if not isinstance(v, (list, dict))}
+        return merge_metrics(run_dir, m)
 
     def report(self, run_dir: Path) -> Path:
         from fewstep.core.report import Report
@@ -315,11 +307,6 @@ class MCMRecipe:
         for gif in gifs:
             rep.add_image(f"Videos: {gif.stem.removeprefix('samples_')}", gif)
         return rep.write()
-
-
-def _tile(video: Tensor) -> Tensor:
-    """(B, T, C, H, W) -> (T, C, H, B * W): the videos side by side, clamped to [-1, 1]."""
-    return video.detach().cpu().clamp(-1, 1).permute(1, 2, 3, 0, 4).flatten(3)
 
 
 MCM = MCMRecipe()

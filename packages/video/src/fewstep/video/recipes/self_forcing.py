@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from fewstep.core.training import TrainConfig
+from fewstep.video.recipes.common import resolve_device, tile_videos
 from fewstep.video.self_forcing import SelfForcingConfig
 from fewstep.video.teacher import VideoTeacherConfig
 
@@ -71,10 +72,6 @@ class SelfForcingRecipeConfig:
     device: str = "auto"  # cpu, cuda, or auto
 
 
-def _device(name: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
 def _window(cfg: SelfForcingRecipeConfig) -> int | None:
     if cfg.window < -1:
         raise ValueError(f"window must be -1 (all chunks) or >= 0, got {cfg.window}")
@@ -112,7 +109,7 @@ class SelfForcingRecipe:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         _window(cfg)
-        out_dir, device = Path(out_dir), _device(cfg.device)
+        out_dir, device = Path(out_dir), resolve_device(cfg.device)
         teacher, tinfo = load_teacher(cfg.teacher, progress=cfg.train.progress)
         clips, labels = load_clips(cfg.teacher.data)
         data = TensorData(clips, labels)
@@ -241,9 +238,9 @@ class SelfForcingRecipe:
             "long_chunk_seconds": long_stats.chunk_seconds,
         }  # fmt: skip
         fps = e.fps
-        write_video(out_dir / "samples_student.gif", _tile(video[:8]), fps)
-        write_video(out_dir / "samples_teacher.gif", _tile(sample.x[:8]), fps)
-        write_video(out_dir / "samples_long.mp4", _tile(long_video), fps)
+        write_video(out_dir / "samples_student.gif", tile_videos(video[:8]), fps)
+        write_video(out_dir / "samples_teacher.gif", tile_videos(sample.x[:8]), fps)
+        write_video(out_dir / "samples_long.mp4", tile_videos(long_video), fps)
         from fewstep.core.report import save_image_grid
 
         for name, v in (("student", video), ("teacher", sample.x)):
@@ -264,7 +261,7 @@ class SelfForcingRecipe:
         with torch.no_grad():
             video, _, _ = self._stream_video(cfg, student, labels, student.net.n_chunks, gen, None)
         out = Path(out) if out else Path(run_dir) / f"samples_{n}.gif"
-        return write_video(out, _tile(video), cfg.eval.fps)
+        return write_video(out, tile_videos(video), cfg.eval.fps)
 
     def evaluate(self, run_dir: Path) -> dict:
         from fewstep.video.teacher import load_clips
@@ -310,12 +307,6 @@ class SelfForcingRecipe:
             "samples_long.mp4 (frame positions past the training length are extrapolated).",
         )
         return rep.write()
-
-
-def _tile(video: torch.Tensor) -> torch.Tensor:
-    """(B, T, C, H, W) -> (T, C, H, B * W): the videos side by side, clamped to the data
-    range [-1, 1] (a few-step sample may overshoot it)."""
-    return video.detach().cpu().clamp(-1, 1).permute(1, 2, 3, 0, 4).flatten(3)
 
 
 SELF_FORCING = SelfForcingRecipe()

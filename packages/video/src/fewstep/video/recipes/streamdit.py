@@ -29,6 +29,7 @@ import torch
 
 from fewstep.core.training import TrainConfig
 from fewstep.video.evaluate import ClassifierConfig
+from fewstep.video.recipes.common import merge_metrics, resolve_device, tile_videos
 from fewstep.video.teacher import VideoTeacherConfig
 
 STUDENT_FILE = "student.safetensors"
@@ -75,10 +76,6 @@ class StreamDiTRecipeConfig:
     device: str = "auto"  # cpu, cuda, or auto
 
 
-def _device(name: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
 def _window(cfg: StreamDiTRecipeConfig) -> int | None:
     if cfg.window < -1:
         raise ValueError(f"window must be -1 (whole buffer) or >= 0, got {cfg.window}")
@@ -122,7 +119,7 @@ class StreamDiTRecipe:
         pt = cfg.teacher.patch[0]
         for c in (cfg.chunk_frames, *cfg.buffer.chunk_options):  # fail before any training
             check_partition(cfg.teacher.data.frames, c, pt)
-        out_dir, device = Path(out_dir), _device(cfg.device)
+        out_dir, device = Path(out_dir), resolve_device(cfg.device)
         teacher, tinfo = load_teacher(cfg.teacher, progress=cfg.buffer.train.progress)
         clips, labels = load_clips(cfg.teacher.data)
         data = TensorData(clips, labels)
@@ -277,7 +274,7 @@ class StreamDiTRecipe:
         for name, q in quality.items():
             for k, v in q.items():
                 metrics[f"{name}_{k}"] = v
-        rows = [_tile(v[:8]) for v in (v_teacher, v_stream, v_student)]
+        rows = [tile_videos(v[:8]) for v in (v_teacher, v_stream, v_student)]
         write_video(out_dir / "side_by_side.gif", torch.cat(rows, 2), e.fps)
         return metrics
 
@@ -292,20 +289,15 @@ class StreamDiTRecipe:
         with torch.no_grad():
             video, _, _ = self._stream(student, cfg, labels, steps or 1, gen)
         out = Path(out) if out else Path(run_dir) / f"samples_{n}.gif"
-        return write_video(out, _tile(video), cfg.eval.fps)
+        return write_video(out, tile_videos(video), cfg.eval.fps)
 
     def evaluate(self, run_dir: Path) -> dict:
-        from fewstep.core.io import atomic_write_json
         from fewstep.video.teacher import load_clips
 
         cfg, teacher, stream_teacher, student = self.load(run_dir)
         clips, labels = load_clips(cfg.teacher.data)
         m = self._evaluate(cfg, teacher, stream_teacher, student, clips, labels, Path(run_dir))
-        old = Path(run_dir) / "metrics.json"
-        if old.exists():  # keep the training figures of the run
-            m = {**json.loads(old.read_text()), **m}
-        atomic_write_json(old, m)
-        return {k: v for k, v in m.items() if not isinstance(v, (list, dict))}
+        return merge_metrics(run_dir, m)
 
     def report(self, run_dir: Path) -> Path:
         from fewstep.core.report import Report
@@ -341,11 +333,6 @@ class StreamDiTRecipe:
             rep.add_image("Rows: base teacher, StreamDiT teacher, student (same labels)",
                           run_dir / "side_by_side.gif")  # fmt: skip
         return rep.write()
-
-
-def _tile(video: torch.Tensor) -> torch.Tensor:
-    """(B, T, C, H, W) -> (T, C, H, B * W): the videos side by side, clamped to [-1, 1]."""
-    return video.detach().cpu().clamp(-1, 1).permute(1, 2, 3, 0, 4).flatten(3)
 
 
 STREAMDIT = StreamDiTRecipe()

@@ -36,6 +36,7 @@ from torch import Tensor
 from fewstep.core.training import TrainConfig
 from fewstep.video.evaluate import ClassifierConfig
 from fewstep.video.multicond import TwoConditionTeacherConfig
+from fewstep.video.recipes.common import merge_metrics, resolve_device, tile_videos
 
 
 def _train() -> TrainConfig:
@@ -64,10 +65,6 @@ class VDOTConfig:
     eval: VDOTEvalConfig = field(default_factory=VDOTEvalConfig)  # evaluation
     threads: int = 1  # torch CPU threads (0 = torch's default)
     device: str = "auto"  # cpu, cuda, or auto
-
-
-def _device(name: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def _guided(cfg: VDOTConfig, teacher):
@@ -123,7 +120,7 @@ class VDOTRecipe:
             torch.set_num_threads(cfg.threads)
         if cfg.train.batch_size < 2 and obj_cfg.ot_weight > 0:
             raise ValueError("VDOT's OT term compares samples of a batch: train.batch_size >= 2")
-        out_dir, device = Path(out_dir), _device(cfg.device)
+        out_dir, device = Path(out_dir), resolve_device(cfg.device)
         teacher, tinfo = load_two_condition_teacher(cfg.teacher, progress=cfg.train.progress)
         clips, cond = load_two_condition_clips(cfg.teacher.base.data)
         objective = VDOTObjective(_guided(cfg, teacher), obj_cfg)
@@ -222,9 +219,9 @@ class VDOTRecipe:
             q = evaluate_videos(v, cond[:, 0].cpu(), ref, clf, ref_cond[:, 0])
             metrics.update({f"{name}_{k}": val for k, val in q.items()})
             metrics[f"{name}_direction_accuracy"] = direction_accuracy(clf, v, cond[:, 1])
-        rows = [_tile(v[:8]) for v in (t_sample.x, s_sample.x)]
+        rows = [tile_videos(v[:8]) for v in (t_sample.x, s_sample.x)]
         write_video(out_dir / "side_by_side.gif", torch.cat(rows, 2), e.fps)
-        write_video(out_dir / "directions.gif", _tile(sweep_video), e.fps)
+        write_video(out_dir / "directions.gif", tile_videos(sweep_video), e.fps)
         return metrics
 
     # --- CLI commands ----------------------------------------------------------------------
@@ -242,20 +239,15 @@ class VDOTRecipe:
         with torch.no_grad():
             video = sampler.sample(student, noise, cond).x
         out = Path(out) if out else Path(run_dir) / f"samples_{n}.gif"
-        return write_video(out, _tile(video), cfg.eval.fps)
+        return write_video(out, tile_videos(video), cfg.eval.fps)
 
     def evaluate(self, run_dir: Path) -> dict:
-        from fewstep.core.io import atomic_write_json
         from fewstep.video.multicond import load_two_condition_clips
 
         cfg, objective, teacher, student = self.load(run_dir)
         clips, cond = load_two_condition_clips(cfg.teacher.base.data)
         m = self._evaluate(cfg, objective, teacher, student, clips, cond, Path(run_dir))
-        old = Path(run_dir) / "metrics.json"
-        if old.exists():  # keep the training figures of the run
-            m = {**json.loads(old.read_text()), **m}
-        atomic_write_json(old, m)
-        return {k: v for k, v in m.items() if not isinstance(v, (list, dict))}
+        return merge_metrics(run_dir, m)
 
     def report(self, run_dir: Path) -> Path:
         from fewstep.core.report import Report
@@ -289,11 +281,6 @@ class VDOTRecipe:
             if (run_dir / name).exists():
                 rep.add_image(title, run_dir / name)
         return rep.write()
-
-
-def _tile(video: Tensor) -> Tensor:
-    """(B, T, C, H, W) -> (T, C, H, B * W): the videos side by side, clamped to [-1, 1]."""
-    return video.detach().cpu().clamp(-1, 1).permute(1, 2, 3, 0, 4).flatten(3)
 
 
 VDOT = VDOTRecipe()
