@@ -25,13 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from report_io import machine
 
 METHODS = ("random", "herding", "dc", "dm", "mtt", "ftd")
 
@@ -65,19 +64,6 @@ BUDGET_NOTE = (
     "(paper 0.999 over 5,000 iterations); "
     "evaluation 300 SGD steps (papers 300-1,000 epochs)."
 )
-
-
-def machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.is_available(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "load_average_1_5_15min": list(os.getloadavg()),  # other work sharing the CPU
-    }
 
 
 def fmt(acc: dict | None) -> str:

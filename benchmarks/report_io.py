@@ -1,9 +1,29 @@
-"""What the benchmark scripts share: writing their JSON and printing a markdown table."""
+"""What the benchmark scripts share: machine info, writing their JSON and printing a
+markdown table."""
 
 from __future__ import annotations
 
 import json
+import os
+import platform
+import sys
 from pathlib import Path
+
+
+def machine() -> dict:
+    """The machine and torch settings a result was measured with."""
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "load_average_1_5_15min": list(os.getloadavg()),  # other work sharing the CPU
+    }
 
 
 def write_json(path: Path, report: dict) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from report_io import markdown_table, write_json  # noqa: E402
+from report_io import machine, markdown_table, write_json  # noqa: E402
 
 SETTINGS = [
     "--teacher.data.videos", "600", "--teacher.data.frames", "8", "--teacher.data.size", "16",
@@ -53,16 +52,6 @@ METHODS = {
     "MCM (diff + GAN + mix 0.5)": [],  # the recipe's MCM defaults
 }
 FIELDS = ("video_fd", "frame_fd", "warp_error", "sharpness_ratio")
-
-
-def machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
 
 
 def _rows(label: str, per_seed: list[dict], keys: list[str]) -> list[dict]:

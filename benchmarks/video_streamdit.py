@@ -21,27 +21,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from report_io import machine
 
 SAMPLERS = ("student", "stream_teacher", "teacher")
 FIELDS = ("video_fd", "frame_fd", "digit_accuracy", "warp_error", "nfe_per_frame",
           "frames_per_second")  # fmt: skip
-
-
-def machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
 
 
 def _latency(m: dict, who: str) -> float:
