@@ -13,7 +13,7 @@ from fewstep.core import cli
 TINY = [
     "--teacher.data.videos", "12", "--teacher.data.frames", "4", "--teacher.data.size", "16",
     "--teacher.dim", "32", "--teacher.depth", "2", "--teacher.heads", "2",
-    "--teacher.steps", "3", "--teacher.batch_size", "4",
+    "--teacher.patch", "2,4,4", "--teacher.steps", "3", "--teacher.batch_size", "4",
     "--asa.block_size", "16", "--asa.tile", "1,4,4", "--asa.max_retain", "0.5",
     "--objective.student_steps", "2", "--objective.fake_updates_per_student", "2",
     "--train.steps", "4", "--train.batch_size", "2", "--train.progress", "false",

@@ -29,6 +29,7 @@ from fewstep.video.streamdit import (
     warmup_levels,
 )
 
+PATH = make_path("rectified_flow")
 CFG = VideoDiTConfig(frames=8, size=16, patch=(2, 4, 4), dim=32, depth=1, heads=2, num_classes=10)
 
 
@@ -109,7 +110,7 @@ def test_buffer_dit_matches_teacher_at_one_level_and_uses_per_frame_times():
 def test_window_attention_limits_the_receptive_field():
     net = BufferDiT.from_teacher(_teacher().net, window=1).eval()
     x = torch.randn(1, 8, 3, 16, 16)
-    t = torch.full((1, 8), 0.5 * CFG.time_scale)
+    t = torch.full((1, 8), 0.5 * PATH.time_scale)
     x2 = x.clone()
     x2[:, -2:] += 1.0  # change the last latent frame only
     with torch.no_grad():
@@ -134,12 +135,13 @@ class OracleNet(nn.Module):
 
     def forward(self, x, time, cond=None):
         self.times.append(time.detach().clone())
-        tau = (time / self.cfg.time_scale).reshape(*time.shape, 1, 1, 1).clamp_min(1e-6)
+        # the network sees core's network time, t x the path's time_scale
+        tau = (time / PATH.time_scale).reshape(*time.shape, 1, 1, 1).clamp_min(1e-6)
         return (x - self.target) / tau
 
 
 def _oracle(target):
-    return ModuleDenoiser(OracleNet(target, CFG), make_path("rectified_flow"), "velocity")
+    return ModuleDenoiser(OracleNet(target, CFG), PATH, "velocity")
 
 
 def test_stream_emits_one_clean_chunk_per_call_with_per_frame_levels():
@@ -157,7 +159,7 @@ def test_stream_emits_one_clean_chunk_per_call_with_per_frame_levels():
     assert len(calls) == (n - 1) + 5  # buffer fill, then one call per chunk
     assert stats.chunk_nfe == [1] * 5 and stats.warmup_nfe == n - 1 and stats.calls_per_chunk == 1
     # the steady-state call sees the staircase (k+1)/N per chunk, one level per frame pair
-    want = staircase(n, 0.0).repeat_interleave(2, 1) * CFG.time_scale
+    want = staircase(n, 0.0).repeat_interleave(2, 1) * PATH.time_scale
     for t in calls[n - 1 :]:
         assert t.shape == (3, 8) and torch.allclose(t, want.expand(3, 8))
 
@@ -210,7 +212,7 @@ def test_buffered_flow_matching_draws_staircase_times():
     roles = obj.build_roles(model, batch)
     losses, logs = obj.losses(roles, batch, ["student"], 0)
     assert losses["student"].requires_grad and logs["buffer_fm_loss"] > 0
-    t = seen[0] / CFG.time_scale  # (B, T): rising along the buffer, spread 1/N - 1/c apart
+    t = seen[0] / PATH.time_scale  # (B, T): rising along the buffer, spread 1/N - 1/c apart
     assert t.shape == (16, 8) and (t.diff(dim=1) >= -1e-6).all()
     gaps = t[:, -1] - t[:, 0]
     assert ((gaps - 0.75).abs() < 1e-5).logical_or((gaps - 0.5).abs() < 1e-5).all()
