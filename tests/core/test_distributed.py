@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
-import sys
-import traceback
 from pathlib import Path
 
 import pytest
@@ -26,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from fewstep.core.models import ModuleDenoiser, trainable_copy
 from fewstep.core.objectives import get_objective
 from fewstep.core.paths import make_path
+from fewstep.core.testing import run_ranks
 from fewstep.core.toy import ToyData, ToyMLP, toy_feature_fn
 from fewstep.core.training import TrainConfig, Trainer
 
@@ -92,60 +90,16 @@ def _run(label: str, out_dir: Path, batch_size: int) -> dict[str, torch.Tensor]:
     }
 
 
-def _worker(rank: int, port: int, root: str) -> None:
-    code = 0
-    try:
-        torch.set_num_threads(1)
-        os.environ.update(
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(WORLD),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-        )
-        for label in CASES:
-            state = _run(label, Path(root) / f"{label}_ddp", BATCH)
-            save_file(state, os.path.join(root, f"{label}_rank{rank}.safetensors"))
-    except BaseException:
-        Path(root, f"error_rank{rank}.txt").write_text(traceback.format_exc())
-        code = 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)  # skip the parent's (pytest's) exit handlers in the fork
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank(rank: int, root: str) -> None:
+    for label in CASES:
+        state = _run(label, Path(root) / f"{label}_ddp", BATCH)
+        save_file(state, os.path.join(root, f"{label}_rank{rank}.safetensors"))
 
 
 def test_two_processes_match_one_process_with_the_global_batch(tmp_path, monkeypatch):
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    # Build one optimizer first: the first AdamW imports torch._dynamo, which the forks then
-    # inherit instead of importing it twice more.
-    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
-    ctx = mp.get_context("fork")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=120)
-    finally:
-        hung = [p for p in procs if p.is_alive()]
-        for p in hung:
-            p.kill()
-            p.join()
-    errors = sorted(tmp_path.glob("error_rank*.txt"))
-    assert not errors, "\n".join(e.read_text() for e in errors)
-    assert not hung, "a worker hung"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    run_ranks(_rank, WORLD, str(tmp_path), timeout=120)
 
     # rank 0 wrote the checkpoints (and the other rank waited for them at the barriers)
     for label in CASES:

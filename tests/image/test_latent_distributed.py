@@ -8,10 +8,6 @@ The workers are forked (they inherit the imported modules), as in tests/core/tes
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
-import socket
-import sys
-import traceback
 from pathlib import Path
 
 import pytest
@@ -20,6 +16,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from fewstep.core import cli
+from fewstep.core.testing import run_ranks
 
 pytestmark = [
     pytest.mark.skipif(
@@ -42,30 +39,8 @@ def _args(root: Path, out: Path, batch: int) -> list[str]:
     return args + ["--objective.fake_updates_per_student", "1", "--train.lr", "1e-3"]
 
 
-def _worker(rank: int, port: int, root: str) -> None:
-    code = 0
-    try:
-        torch.set_num_threads(1)
-        os.environ.update(
-            RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-        )  # fmt: skip
-        assert cli.main(_args(Path(root), Path(root) / "ddp", BATCH)) == 0
-    except BaseException:
-        Path(root, f"error_rank{rank}.txt").write_text(traceback.format_exc())
-        code = 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)  # skip the parent's (pytest's) exit handlers in the fork
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank(rank: int, root: str) -> None:
+    assert cli.main(_args(Path(root), Path(root) / "ddp", BATCH)) == 0
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -83,22 +58,7 @@ def test_two_processes_train_what_one_process_trains_with_the_global_batch(
         monkeypatch.delenv(var, raising=False)
     sd_pipeline(tmp_path / "sd")
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\na green cross\n")
-    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # import dynamo before forking
-    port, ctx = _free_port(), mp.get_context("fork")
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=180)
-    finally:
-        hung = [p for p in procs if p.is_alive()]
-        for p in hung:
-            p.kill()
-            p.join()
-    errors = sorted(tmp_path.glob("error_rank*.txt"))
-    assert not errors, "\n".join(e.read_text() for e in errors)
-    assert not hung and all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    run_ranks(_rank, WORLD, str(tmp_path))
     assert (tmp_path / "ddp" / "pipeline" / "model_index.json").exists()  # rank 0 exported
 
     assert cli.main(_args(tmp_path, tmp_path / "single", WORLD * BATCH)) == 0
