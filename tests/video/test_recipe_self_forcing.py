@@ -21,6 +21,9 @@ TINY = [
     "--dmd.fake_updates_per_student", "2",
     "--train.steps", "3", "--train.batch_size", "2", "--train.progress", "false",
     "--eval.samples", "2", "--eval.teacher_steps", "4", "--eval.long_chunks", "4",
+    "--eval.classifier.videos", "8", "--eval.classifier.width", "4",
+    "--eval.classifier.features", "8", "--eval.classifier.steps", "2",
+    "--eval.classifier.batch_size", "4",
 ]  # fmt: skip
 
 
@@ -38,6 +41,9 @@ def test_recipe_distills_streams_and_reports(tmp_path, monkeypatch):
         assert m["nfe_reduction"] > 1
         assert m["student_first_chunk_latency"] > 0 and m["student_frames_per_second"] > 0
         assert len(m["long_chunk_seconds"]) == 4
+        for who in ("student", "teacher"):  # the classifier's quality figures, both sides
+            assert m[f"{who}_video_fd"] >= 0 and 0 <= m[f"{who}_digit_accuracy"] <= 1
+        assert m["classifier"]["frames"] == 4 and m["reference_clips"] == 12
         for name in ("student.safetensors", "report.html", "samples_student.gif",
                      "samples_teacher.gif", "samples_long.mp4", "frames_student.png"):  # fmt: skip
             assert (out / name).exists(), name

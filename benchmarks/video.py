@@ -1,0 +1,152 @@
+"""Benchmark: every video student against its 50-step teacher, on the same machine in one
+run — NFE per frame, seconds per video, frames per second, first-output latency, and quality
+under fewstep's video classifier (video FD, per-frame FD, digit accuracy, warp error).
+
+    uv run --package fewstep-video python benchmarks/video.py [--methods self-forcing,blade]
+        [--set blade:train.steps=200 ...]
+
+Runs ``fewstep distill video-<method>`` with the recipe's defaults (plus ``--set`` overrides)
+for self-forcing, StreamDiT, MCM, BLADE, AccVideo and VDOT, and reads each run's
+``metrics.json`` into one table. Each recipe scores its own teacher (the default moving-digits
+teacher, MCM's low-quality teacher, VDOT's two-condition teacher) with the teacher's Euler
+sampler under CFG on the same labels and noise, so ratios are within a row pair. BLADE's
+attention density and FLOPs saved are printed under the table. Writes
+benchmarks/results/video.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from report_io import machine, markdown_table, write_json
+
+QUALITY = ("video_fd", "frame_fd", "digit_accuracy", "warp_error")
+
+
+def _quality(m: dict, who: str) -> dict:
+    return {k: m.get(f"{who}_{k}") for k in QUALITY}
+
+
+def _row(sampler: str, nfe_frame, seconds, videos: int, frames: int, first=None, **q) -> dict:
+    return {
+        "sampler": sampler, "nfe_per_frame": nfe_frame, "seconds_per_video": seconds / videos,
+        "frames_per_second": videos * frames / seconds, "first_output_seconds": first, **q,
+    }  # fmt: skip
+
+
+def streaming_rows(m: dict, cfg: dict) -> list[dict]:
+    """Self-forcing and StreamDiT: streaming student and the teacher's full-clip sampler."""
+    n, f = cfg["eval"]["samples"], m["frames"]
+    return [
+        _row("teacher", m["teacher_nfe_per_frame"], m["teacher_seconds"], n, f,
+             m["teacher_first_frame_latency"], **_quality(m, "teacher")),
+        _row("student", m["student_nfe_per_frame"], m["student_seconds"], n, f,
+             m["student_first_chunk_latency"], **_quality(m, "student")),
+    ]  # fmt: skip
+
+
+def flat_rows(m: dict, cfg: dict) -> list[dict]:
+    """BLADE, AccVideo, VDOT: ``{teacher,student}_nfe`` / ``_seconds`` and quality keys; every
+    network call processes every frame, so NFE per frame is NFE per video."""
+    n, f = cfg["eval"]["samples"], cfg["teacher"]["data"]["frames"]
+    return [
+        _row(who, m[f"{who}_nfe"], m[f"{who}_seconds"], n, f, m[f"{who}_seconds"] / n,
+             **_quality(m, who))
+        for who in ("teacher", "student")
+    ]  # fmt: skip
+
+
+def mcm_rows(m: dict, cfg: dict) -> list[dict]:
+    """MCM: the teacher and the student at each evaluated step count."""
+    n, f = cfg["eval"]["samples"], m["frames"]
+    names = ["teacher"] + [f"student_{k}" for k in m["steps"]]
+    return [
+        _row(name.replace("_", " "), m["samplers"][name]["nfe"], m["samplers"][name]["seconds"],
+             n, f, m["samplers"][name]["seconds"] / n, **_quality(m, name))
+        for name in names if name in m["samplers"]
+    ]  # fmt: skip
+
+
+# method -> (recipe, rows from its metrics and config)
+METHODS: dict[str, tuple[str, Callable[[dict, dict], list[dict]]]] = {
+    "self-forcing": ("video-self-forcing", streaming_rows),
+    "streamdit": ("video-streamdit", streaming_rows),
+    "mcm": ("video-mcm", mcm_rows),
+    "blade": ("video-blade", flat_rows),
+    "accvideo": ("video-accvideo", flat_rows),
+    "vdot": ("video-vdot", flat_rows),
+}
+
+
+def run(recipe: str, out: Path, extra: list[str]) -> tuple[dict, dict, float]:
+    """(metrics, config, wall seconds) of one recipe run."""
+    from fewstep.core import cli
+
+    t0 = time.perf_counter()
+    if cli.main(["distill", recipe, "--out", str(out), "--train.progress", "false", *extra]) != 0:
+        raise RuntimeError(f"{recipe} failed")
+    m = json.loads((out / "metrics.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    return m, cfg.get("config", cfg), time.perf_counter() - t0
+
+
+def overrides(items: list[str]) -> dict[str, list[str]]:
+    """``METHOD:key=value`` items -> {method: ["--key", "value", ...]}."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        method, sep, kv = item.partition(":")
+        key, eq, value = kv.partition("=")
+        if not (sep and eq) or method not in METHODS:
+            raise SystemExit(f"--set expects METHOD:key=value with METHOD in {sorted(METHODS)}, "
+                             f"got {item!r}")  # fmt: skip
+        out.setdefault(method, []).extend([f"--{key}", value])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    ap.add_argument("--set", action="append", default=[], help="METHOD:key=value override")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "video.json")
+    args = ap.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+    extra = overrides(args.set)
+    start_machine, t0 = machine(), time.time()
+    rows, runs = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in methods:
+            recipe, to_rows = METHODS[name]
+            m, cfg, wall = run(recipe, Path(tmp) / name, extra.get(name, []))
+            runs[name] = {"metrics": m, "overrides": extra.get(name, []), "wall_seconds": wall}
+            pair = to_rows(m, cfg)
+            teacher = pair[0]
+            for r in pair:
+                r["nfe_reduction"] = teacher["nfe_per_frame"] / r["nfe_per_frame"]
+                r["speedup"] = teacher["seconds_per_video"] / r["seconds_per_video"]
+                rows.append({"method": name, **r})
+            print(markdown_table(rows[-len(pair) :]), flush=True)
+    report = {"machine_at_start": start_machine, "machine": machine(), "rows": rows,
+              "runs": runs, "seconds": time.time() - t0}  # fmt: skip
+    write_json(args.out, report)
+    print()
+    print(markdown_table(rows))
+    if "blade" in runs:
+        b = runs["blade"]["metrics"]
+        print(f"\nBLADE: attention density {b['attn_density']:.3f}, attention FLOPs saved "
+              f"{b['attn_flops_saved']:.3f}, FLOPs ratio vs teacher "
+              f"{b['flops_ratio_vs_teacher']:.1f}")  # fmt: skip
+    print(f"\n{report['seconds']:.0f} s; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
