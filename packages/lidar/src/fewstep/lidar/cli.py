@@ -1,0 +1,13 @@
+"""``fewstep-lidar``: the fewstep command restricted to lidar recipes."""
+
+from __future__ import annotations
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fewstep.core.cli import main as core_main
+
+    return core_main(argv, prog="fewstep-lidar", prefix="lidar-")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
