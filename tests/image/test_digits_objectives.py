@@ -25,6 +25,7 @@ _TINY_OBJECTIVE = {
     "slimflow": "--objective.num_pairs 32 --objective.pair_steps 2 --objective.reflow_steps 2 "
     "--objective.anneal_steps 2 --objective.target_steps 2",
     "progressive": "--objective.teacher_steps 4 --objective.round_steps 2",
+    "hipa": "--objective.teacher_steps 4",
 }
 TINY_OBJECTIVE = {k: v.split() for k, v in _TINY_OBJECTIVE.items()}
 

@@ -44,6 +44,7 @@ BUILTIN: dict[str, str] = {
     "quantized": "fewstep.core.objectives.quantized:QuantizedDistillation",
     "dense2moe": "fewstep.core.objectives.dense2moe:Dense2MoE",
     "kd_mi": "fewstep.core.objectives.kd_mi:KDMI",
+    "hipa": "fewstep.core.objectives.hipa:HiPA",
 }
 GROUP = "fewstep.objectives"
 

@@ -24,6 +24,9 @@ from fewstep.image import multi_student as MS
 PIPELINE_DIR = "pipeline"  # the student as a whole pipeline (LoRA merged)
 LORA_DIR = "lora"  # LoRA students: the adapters alone, for the teacher's pipeline
 PROMPTS_FILE = "prompts.txt"  # the run's prompts (the prompt file's, or the image captions)
+# HiPA's default LoRA rank: rank 16 on the attention projections is ~3.2 M parameters on
+# Stable Diffusion 1.5, the size the paper reports (3.3 M); its exact rank is not published.
+HIPA_LORA_RANK = 16
 
 
 @dataclass
@@ -85,7 +88,8 @@ class LatentRecipe:
 
     def config_defaults(self, objective: str) -> dict[str, str]:
         dmd2 = {"train.betas": "0.0,0.99"}  # as on digits
-        return {"dmd2": dmd2, "multi_student": dmd2}.get(objective, {})
+        hipa = {"lora_rank": str(HIPA_LORA_RANK)}  # HiPA trains adapters only
+        return {"dmd2": dmd2, "multi_student": dmd2, "hipa": hipa}.get(objective, {})
 
     # ---------------------------------------------------------------------------------
     def distill(self, cfg: LatentConfig, obj_cfg, out_dir: Path) -> dict:
@@ -125,6 +129,7 @@ class LatentRecipe:
                 f"{cfg.objective} with these options needs real images: give --images DIR "
                 "(images with same-name .txt captions) or choose a data-free objective"
             )
+        OBJECTIVE_SETUP.get(cfg.objective, _no_setup)(cfg, pipe, objective)
         student = trainable_copy(teacher.base)
         if cfg.lora_rank:
             P.add_lora(getattr(student, P.network_name(pipe)), cfg.lora_rank, cfg.lora_alpha)
@@ -290,13 +295,84 @@ def _load_config(run_dir: Path) -> dict:
 
 
 def make_objective(name: str, teacher, obj_cfg):
+    """The objective ``name`` on ``teacher``. Objectives that need a reward function (found
+    from the objective itself: its ``needs_reward`` flag, or a constructor that refuses to
+    run without one under this config) are refused with a clear error: image-latent has no
+    reward model to give them."""
     from fewstep.core.config import from_dict
     from fewstep.core.objectives import get_objective
 
     cls = get_objective(name)
     if isinstance(obj_cfg, dict):
         obj_cfg = from_dict(cls.config_cls, obj_cfg)
-    return cls(teacher, obj_cfg)
+    try:
+        return cls(teacher, obj_cfg)
+    except ValueError as err:
+        if not _runs_with_a_reward(cls, teacher, obj_cfg):
+            raise
+        raise ValueError(
+            f"image-latent cannot run objective {name!r} with these options: it needs a reward "
+            "function reward(x0, cond) -> (B,) scores, and image-latent has no reward model to "
+            f"give it; choose an objective without one (see `fewstep list`). ({name} says: {err})"
+        ) from err
+
+
+def _unavailable_reward(x0, cond):  # never called: only probes a constructor
+    raise RuntimeError("image-latent has no reward model")
+
+
+def _runs_with_a_reward(cls, teacher, obj_cfg) -> bool:
+    """Whether the objective, refused without a reward, is accepted with one: then the reward
+    is what it lacks (not some other option)."""
+    try:
+        cls(teacher, obj_cfg, reward=_unavailable_reward)
+    except ValueError:
+        return False
+    return True
+
+
+# --- per-objective wiring ------------------------------------------------------------------
+def _no_setup(cfg: LatentConfig, pipe, objective) -> None:
+    return None
+
+
+def setup_hipa(cfg: LatentConfig, pipe, objective) -> None:
+    """HiPA (Zhang & Hooi 2023) trains low-rank adapters only: refuse full-weight runs (the
+    recipe's default rank is HIPA_LORA_RANK; ``--lora-rank 0`` is an explicit request for full
+    weights, which is not HiPA), and let the loss act on decoded images, as the paper's
+    does, through a differentiable VAE decoder (``--objective.pixel_space false`` keeps it
+    on the latents, which needs far less memory)."""
+    if cfg.lora_rank < 1:
+        raise ValueError(
+            "objective 'hipa' trains low-rank adapters only (its frozen base model is the "
+            f"method's premise): give --lora-rank R >= 1 (default {HIPA_LORA_RANK}), not "
+            f"{cfg.lora_rank}"
+        )
+    if objective.config.lora_rank:
+        raise ValueError(
+            "image-latent adds the student's LoRA adapters itself: use --lora-rank, not "
+            "--objective.lora_rank"
+        )
+    if objective.config.pixel_space:
+        pipe.vae.requires_grad_(False)  # gradients pass through the decoder, never into it
+        objective.decode_fn = vae_decoder(pipe)
+
+
+def vae_decoder(pipe):
+    """Differentiable ``fn(latents) -> images in about [-1, 1]`` (the inverse of the VAE's
+    shift and scale, as ``pipelines.decode`` but with gradient and without clamping)."""
+    vae = pipe.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    scale = vae.config.scaling_factor
+
+    def decode(latents):
+        z = latents.to(vae.dtype) / scale + shift
+        return vae.decode(z).sample.float()
+
+    return decode
+
+
+OBJECTIVE_SETUP = {"hipa": setup_hipa}  # objective name -> fn(cfg, pipe, objective)
 
 
 @torch.no_grad()
