@@ -1,12 +1,13 @@
 """`fewstep distill image-latent` under two CPU processes (gloo, the environment variables
-that torchrun and `accelerate launch` set) trains exactly what one process does with the
-global batch, and only rank 0 writes the exported pipeline.
+that torchrun and `accelerate launch` set), replicated (ddp) or sharded (fsdp), trains what one
+process does with the global batch, and only rank 0 writes the exported pipeline.
 
 The workers are forked (they inherit the imported modules), as in tests/core/test_distributed.py.
 """
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 from pathlib import Path
 
@@ -39,8 +40,11 @@ def _args(root: Path, out: Path, batch: int) -> list[str]:
     return args + ["--objective.fake_updates_per_student", "1", "--train.lr", "1e-3"]
 
 
-def _rank(rank: int, root: str) -> None:
-    assert cli.main(_args(Path(root), Path(root) / "ddp", BATCH)) == 0
+def _rank(parallel: str, rank: int, root: str) -> None:
+    # fsdp: blocks of 1,000+ parameters get their own shard groups (the tiny UNet has no
+    # block near the 1 M default)
+    extra = ["--train.parallel", parallel, "--train.fsdp_min_params", "1000"]
+    assert cli.main(_args(Path(root), Path(root) / parallel, BATCH) + extra) == 0
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -49,8 +53,9 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(last / "weights.safetensors"))
 
 
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_train_what_one_process_trains_with_the_global_batch(
-    tmp_path, monkeypatch, cache_dir
+    parallel, tmp_path, monkeypatch, cache_dir
 ):
     from fewstep.image.tiny import sd_pipeline
 
@@ -58,15 +63,15 @@ def test_two_processes_train_what_one_process_trains_with_the_global_batch(
         monkeypatch.delenv(var, raising=False)
     sd_pipeline(tmp_path / "sd")
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\na green cross\n")
-    run_ranks(_rank, WORLD, str(tmp_path))
-    assert (tmp_path / "ddp" / "pipeline" / "model_index.json").exists()  # rank 0 exported
+    run_ranks(functools.partial(_rank, parallel), WORLD, str(tmp_path))
+    assert (tmp_path / parallel / "pipeline" / "model_index.json").exists()  # rank 0 exported
 
     assert cli.main(_args(tmp_path, tmp_path / "single", WORLD * BATCH)) == 0
     # Summation order differs (two local means averaged vs one global mean), and Adam's first
     # steps turn float32 noise in near-zero gradients into full-size updates, so exact
     # equality is not expected: the runs must agree to 1 % of how far training moved them.
     # A rank that trained on the wrong slice, or unaveraged gradients, moves by O(100 %).
-    ddp, single = _weights(tmp_path / "ddp"), _weights(tmp_path / "single")
+    ddp, single = _weights(tmp_path / parallel), _weights(tmp_path / "single")
     teacher = load_file(str(next((tmp_path / "sd" / "unet").glob("*.safetensors"))))
     for prefix in ("student.unet.", "fake_score.score.unet."):
         keys = [k for k in single if k.startswith(prefix)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +54,12 @@ def join_tensors(skel: Any, tensors: dict[str, Tensor]) -> Any:
     return skel
 
 
-def module_tensors(modules: dict[str, torch.nn.Module]) -> dict[str, Tensor]:
+def module_tensors(modules: dict[str, torch.nn.Module | Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """Every module's state dict under ``<name>.``; a mapping stands for a state dict already
+    taken (the full tensors a sharded run gathered)."""
     out = {}
     for name, m in modules.items():
-        for k, v in m.state_dict().items():
+        for k, v in (m if isinstance(m, Mapping) else m.state_dict()).items():
             out[f"{name}.{k}"] = v.detach().cpu().contiguous().clone()
     return out
 
@@ -64,11 +67,13 @@ def module_tensors(modules: dict[str, torch.nn.Module]) -> dict[str, Tensor]:
 def save_checkpoint(
     root: Path,
     step: int,
-    modules: dict[str, torch.nn.Module],
+    modules: dict[str, torch.nn.Module | Mapping[str, Tensor]],
     optimizers: dict,
     state: dict,
     keep: int = 2,
 ) -> Path:
+    """Write a checkpoint folder atomically. ``modules`` and ``optimizers`` values may be the
+    objects or their (already gathered) state dicts."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
@@ -79,7 +84,8 @@ def save_checkpoint(
     save_file(module_tensors(modules), str(tmp / "weights.safetensors"))
     opt_tensors: dict[str, Tensor] = {}
     skel = {
-        r: split_tensors(o.state_dict(), f"opt/{r}", opt_tensors) for r, o in optimizers.items()
+        r: split_tensors(o if isinstance(o, Mapping) else o.state_dict(), f"opt/{r}", opt_tensors)
+        for r, o in optimizers.items()
     }
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     atomic_write_json(tmp / "state.json", {**state, "step": step, "optimizers": skel})
@@ -108,19 +114,33 @@ def latest_checkpoint(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def _load_module(m: torch.nn.Module, sd: dict[str, Tensor]) -> None:
+    m.load_state_dict(sd, strict=True)
+
+
+def _load_optimizer(o: torch.optim.Optimizer, sd: dict) -> None:
+    o.load_state_dict(sd)
+
+
 def load_checkpoint(
-    path: Path, modules: dict[str, torch.nn.Module], optimizers: dict | None = None
+    path: Path,
+    modules: dict[str, torch.nn.Module],
+    optimizers: dict | None = None,
+    load_module: Callable[[torch.nn.Module, dict], None] = _load_module,
+    load_optimizer: Callable[[torch.optim.Optimizer, dict], None] = _load_optimizer,
 ) -> dict:
-    """Load weights (strictly) and optimizer states into the given objects; return state."""
+    """Load weights (strictly) and optimizer states into the given objects; return state.
+    ``load_module`` / ``load_optimizer`` put a full state dict into an object (a sharded
+    run cuts it into each rank's slice, see ``fewstep.core.fsdp``)."""
     path = Path(path)
     weights = load_file(str(path / "weights.safetensors"))
     for name, m in modules.items():
         prefix = f"{name}."
         sd = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
-        m.load_state_dict(sd, strict=True)
+        load_module(m, sd)
     state = json.loads((path / "state.json").read_text())
     if optimizers:
         opt_tensors = load_file(str(path / "optimizer.safetensors"))
         for r, o in optimizers.items():
-            o.load_state_dict(join_tensors(state["optimizers"][r], opt_tensors))
+            load_optimizer(o, join_tensors(state["optimizers"][r], opt_tensors))
     return state

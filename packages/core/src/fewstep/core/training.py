@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from fewstep.core import checkpoint as ckpt
 from fewstep.core import distributed as D
+from fewstep.core import fsdp as F
 from fewstep.core.batch import Batch, StepRNG, cond_to
 from fewstep.core.models import Denoiser, ema_update_, frozen_copy
 from fewstep.core.objectives.base import Objective
@@ -50,6 +51,10 @@ class TrainConfig:
     keep_checkpoints: int = 2  # complete checkpoints kept on disk
     resume: bool = True  # continue from out_dir's latest checkpoint when there is one
     progress: bool = True  # progress bar on rank 0
+    # multi-process: "ddp" replicates roles, "fsdp" shards them (FSDP2); alone, both unsharded
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    fsdp_min_params: int = 1_000_000  # fsdp: blocks with this many parameters get own shards
+    fsdp_wrap_classes: tuple[str, ...] = ()  # fsdp: shard blocks of these class names instead
 
 
 def seed_global(seed: int) -> None:
@@ -82,6 +87,9 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise ValueError(f"lr_decay must be 'none', 'linear' or 'cosine', got {cfg.lr_decay!r}")
     if cfg.warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    F.check_parallel(cfg.parallel)
+    if cfg.fsdp_min_params < 1:
+        raise ValueError(f"fsdp_min_params must be >= 1, got {cfg.fsdp_min_params}")
 
 
 class DataSource(Protocol):
@@ -136,6 +144,11 @@ class Trainer:
 
     ``evaluator(trainer) -> EvalResult`` runs on rank 0 with the EMA student (see
     ``sampling_denoiser``) every ``eval_every`` steps and at the end.
+
+    With ``parallel="fsdp"`` under several processes the roles and the EMA are sharded
+    (``fewstep.core.fsdp``); a single process runs unsharded. The evaluator then sees full
+    copies of the student and its EMA on rank 0 (other roles are not gathered), and after
+    ``fit`` rank 0 keeps those full copies in ``roles["student"]`` / ``ema`` for export.
     """
 
     def __init__(
@@ -172,6 +185,13 @@ class Trainer:
         missing = set(objective.roles) - set(self.roles)
         if missing:
             raise ValueError(f"{objective.name}.build_roles did not build roles {sorted(missing)}")
+        self.ema = frozen_copy(self.roles["student"]) if config.ema_decay > 0 else None
+        # fsdp: shard every role and the EMA identically (before the optimizers take params)
+        self.sharded = config.parallel == "fsdp" and self.dist.enabled
+        self._gathered = False  # fsdp: rank 0 holds full student / EMA copies after fit
+        self._skeletons: dict[str, nn.Module] = {}
+        if self.sharded:
+            self._shard_roles()
         self.params = {
             r: [p for p in self.roles[r].parameters() if p.requires_grad] for r in objective.roles
         }
@@ -183,9 +203,46 @@ class Trainer:
             )
             for r in self.params
         }
-        self.ema = frozen_copy(self.roles["student"]) if config.ema_decay > 0 else None
+        # gradients FSDP does not reduce itself: every one under ddp, unsharded ones under fsdp
+        self._replicated = {
+            r: [p for p in ps if not F.is_sharded(p)] for r, ps in self.params.items()
+        }
         if config.resume:
             self.try_resume()
+
+    # --- fsdp ------------------------------------------------------------------------------
+    def _shard_roles(self) -> None:
+        mesh, cfg = F.make_mesh(self.dist), self.cfg
+        teacher = self.objective.teacher
+        keep = list(teacher.parameters()) if teacher is not None else []  # never sharded
+        F.check_wrap_classes(self.checkpoint_modules().values(), cfg.fsdp_wrap_classes)
+        for name, module in self.checkpoint_modules().items():
+            if name in ("student", "student_ema"):  # gathered for evaluation / export
+                self._skeletons[name] = F.meta_skeleton(module)
+            F.shard_module_(module, mesh, cfg.fsdp_min_params, cfg.fsdp_wrap_classes, keep)
+
+    def _full_copies(self) -> dict[str, nn.Module]:
+        """Full copies of the student and its EMA, on rank 0 ({} elsewhere). Collective."""
+        mods = self.checkpoint_modules()
+        full = {name: F.full_state_dict(mods[name]) for name in self._skeletons}
+        if not self.dist.is_main:
+            return {}
+        return {n: F.plain_copy(self._skeletons[n], sd, self.device) for n, sd in full.items()}
+
+    def _swap_in(self, copies: dict[str, nn.Module]) -> dict[str, nn.Module]:
+        """Put full copies (and stand-ins for the other sharded roles) in place on rank 0;
+        return what they replaced."""
+        old = {**self.roles, "student_ema": self.ema}
+        for r in self.roles:
+            if r != "student":
+                self.roles[r] = F.GatheredAway(r)
+        self.roles["student"] = copies["student"]
+        self.ema = copies.get("student_ema")
+        return old
+
+    def _restore(self, old: dict[str, nn.Module]) -> None:
+        self.ema = old.pop("student_ema")
+        self.roles.update(old)
 
     def param_groups(self, role: str, lr: float) -> list[dict]:
         """The role's trainable parameters at ``lr``, with the submodules the objective
@@ -219,6 +276,12 @@ class Trainer:
 
     # --- one step ----------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
+        if self._gathered:
+            raise RuntimeError(
+                "fit() has finished under parallel='fsdp': rank 0 holds gathered full copies "
+                "for export, so training cannot continue on this Trainer; build a new one "
+                "(it resumes from the last checkpoint)"
+            )
         step, cfg = self.step, self.cfg
         update = self.objective.schedule(step)
         unknown = set(update) - set(self.optimizers)
@@ -245,8 +308,13 @@ class Trainer:
                     f"{self.last_checkpoint or 'none written yet'}"
                 )
             for j, r in enumerate(update):
+                inputs = (
+                    F.backward_inputs(self.roles[r], self.params[r])
+                    if self.sharded
+                    else self.params[r]
+                )
                 (losses[r].float() / cfg.grad_accum).backward(
-                    inputs=self.params[r], retain_graph=j < len(update) - 1
+                    inputs=inputs, retain_graph=j < len(update) - 1
                 )
                 key = f"loss/{r}"
                 record[key] = record.get(key, 0.0) + float(losses[r].detach()) / cfg.grad_accum
@@ -256,9 +324,10 @@ class Trainer:
         for r in update:
             for group in self.optimizers[r].param_groups:
                 group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
-            D.average_gradients_(self.params[r], self.dist)
+            D.average_gradients_(self._replicated[r], self.dist)
             if cfg.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(self.params[r], cfg.grad_clip)
+                clip = F.clip_grad_norm_ if self.sharded else torch.nn.utils.clip_grad_norm_
+                norm = clip(self.params[r], cfg.grad_clip)
                 record[f"grad_norm/{r}"] = float(norm)
             self.optimizers[r].step()
         self.objective.after_update(self.roles, update, step)
@@ -308,6 +377,11 @@ class Trainer:
         if bar is not None:
             bar.close()
         self.save()
+        if self.sharded and not self._gathered:  # rank 0 keeps full copies for export
+            copies = self._full_copies()
+            if self.dist.is_main:
+                self._swap_in(copies)
+            self._gathered = True
         self.evaluate()
         return self.history
 
@@ -317,6 +391,19 @@ class Trainer:
         return self.objective.student_denoiser({**self.roles, "student": student})
 
     def evaluate(self) -> EvalResult | None:
+        if self.sharded and not self._gathered and self.evaluator is not None:
+            copies = self._full_copies()  # every rank takes part in the gather
+            if not self.dist.is_main:
+                D.barrier(self.dist)
+                return None
+            old = self._swap_in(copies)
+            try:
+                return self._evaluate()
+            finally:
+                self._restore(old)
+        return self._evaluate()
+
+    def _evaluate(self) -> EvalResult | None:
         if self.evaluator is None or not self.dist.is_main:
             D.barrier(self.dist)
             return None
@@ -360,6 +447,14 @@ class Trainer:
         done = self.last_checkpoint is not None and self.last_checkpoint.name.endswith(
             f"{self.step:08d}"
         )
+        modules, optimizers = self.checkpoint_modules(), self.optimizers
+        if self.sharded and not done:  # every rank gathers; rank 0 gets the full tensors
+            modules = {n: F.full_state_dict(m) for n, m in modules.items()}
+            optimizers = {
+                r: F.full_optimizer_state_dict(o, self.dist.is_main) for r, o in optimizers.items()
+            }
+            # every rank knows the folder, so all agree on ``done`` at the next call
+            self.last_checkpoint = self.out_dir / "checkpoints" / f"step_{self.step:08d}"
         if self.dist.is_main and not done:  # never rewrite the folder of a finished step
             state = {
                 "history": self.history,
@@ -371,8 +466,8 @@ class Trainer:
             self.last_checkpoint = ckpt.save_checkpoint(
                 self.out_dir / "checkpoints",
                 self.step,
-                self.checkpoint_modules(),
-                self.optimizers,
+                modules,
+                optimizers,
                 state,
                 keep=self.cfg.keep_checkpoints,
             )
@@ -383,7 +478,13 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.out_dir / "checkpoints")
         if path is None:
             return False
-        state = ckpt.load_checkpoint(path, self.checkpoint_modules(), self.optimizers)
+        loaders = {}
+        if self.sharded:  # full tensors on disk, each rank keeps its slice
+            loaders = dict(
+                load_module=F.load_full_state_dict_,
+                load_optimizer=F.load_full_optimizer_state_dict_,
+            )
+        state = ckpt.load_checkpoint(path, self.checkpoint_modules(), self.optimizers, **loaders)
         self.step = int(state["step"])
         self.history = state.get("history", [])
         self.warnings = state.get("warnings", [])
