@@ -34,6 +34,8 @@ def _quality(m: dict, who: str) -> dict:
 
 
 def _row(sampler: str, nfe_frame, seconds, videos: int, frames: int, first=None, **q) -> dict:
+    """One sampler's row; ``first``: seconds to the first frames of one video (streaming
+    recipes measure it alone; the others emit all frames at the end of a batch)."""
     return {
         "sampler": sampler, "nfe_per_frame": nfe_frame, "seconds_per_video": seconds / videos,
         "frames_per_second": videos * frames / seconds, "first_output_seconds": first, **q,
@@ -52,24 +54,25 @@ def streaming_rows(m: dict, cfg: dict) -> list[dict]:
 
 
 def flat_rows(m: dict, cfg: dict) -> list[dict]:
-    """BLADE, AccVideo, VDOT: ``{teacher,student}_nfe`` / ``_seconds`` and quality keys; every
+    """BLADE, VDOT: ``{teacher,student}_nfe`` / ``_seconds`` and quality keys; every
     network call processes every frame, so NFE per frame is NFE per video."""
-    n, f = cfg["eval"]["samples"], cfg["teacher"]["data"]["frames"]
+    teacher = cfg["teacher"].get("base", cfg["teacher"])  # VDOT fine-tunes a base teacher
+    n, f = cfg["eval"]["samples"], teacher["data"]["frames"]
     return [
-        _row(who, m[f"{who}_nfe"], m[f"{who}_seconds"], n, f, m[f"{who}_seconds"] / n,
-             **_quality(m, who))
+        _row(who, m[f"{who}_nfe"], m[f"{who}_seconds"], n, f, **_quality(m, who))
         for who in ("teacher", "student")
     ]  # fmt: skip
 
 
-def mcm_rows(m: dict, cfg: dict) -> list[dict]:
-    """MCM: the teacher and the student at each evaluated step count."""
+def sampler_rows(m: dict, cfg: dict) -> list[dict]:
+    """MCM, AccVideo: ``samplers`` {name: {nfe, seconds, ...quality}}, the teacher first;
+    rows without NFE (MCM's real low-quality clips) are references, not samplers."""
     n, f = cfg["eval"]["samples"], m["frames"]
-    names = ["teacher"] + [f"student_{k}" for k in m["steps"]]
+    names = ["teacher"] + [k for k, r in m["samplers"].items() if k != "teacher" and r["nfe"]]
     return [
         _row(name.replace("_", " "), m["samplers"][name]["nfe"], m["samplers"][name]["seconds"],
-             n, f, m["samplers"][name]["seconds"] / n, **_quality(m, name))
-        for name in names if name in m["samplers"]
+             n, f, **_quality(m, name))
+        for name in names
     ]  # fmt: skip
 
 
@@ -77,9 +80,9 @@ def mcm_rows(m: dict, cfg: dict) -> list[dict]:
 METHODS: dict[str, tuple[str, Callable[[dict, dict], list[dict]]]] = {
     "self-forcing": ("video-self-forcing", streaming_rows),
     "streamdit": ("video-streamdit", streaming_rows),
-    "mcm": ("video-mcm", mcm_rows),
+    "mcm": ("video-mcm", sampler_rows),
     "blade": ("video-blade", flat_rows),
-    "accvideo": ("video-accvideo", flat_rows),
+    "accvideo": ("video-accvideo", sampler_rows),
     "vdot": ("video-vdot", flat_rows),
 }
 
@@ -89,7 +92,7 @@ def run(recipe: str, out: Path, extra: list[str]) -> tuple[dict, dict, float]:
     from fewstep.core import cli
 
     t0 = time.perf_counter()
-    if cli.main(["distill", recipe, "--out", str(out), "--train.progress", "false", *extra]) != 0:
+    if cli.main(["distill", recipe, "--out", str(out), *extra]) != 0:
         raise RuntimeError(f"{recipe} failed")
     m = json.loads((out / "metrics.json").read_text())
     cfg = json.loads((out / "config.json").read_text())

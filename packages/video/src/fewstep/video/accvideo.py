@@ -40,7 +40,7 @@ new noise (no gradient) to t_{k_i} instead of being popped from alg. 1's queues 
 points of older student weights, and would make the objective stateful; an ablation
 ``fake_from="synthetic"`` starts from the stored key point instead); one key interval is
 drawn per step for the whole batch (alg. 1 sweeps all m per iteration); the features are
-mean-free token maps of a pixel-space DiT, not a latent one.
+token maps of a small pixel-space DiT, not of a latent video DiT.
 
 Shapes: a clip is (T, C, H, W); a batch of key points x is (B, m + 1, T, C, H, W).
 """
@@ -286,11 +286,11 @@ GUIDE_FORMS: dict[str, Callable[..., Tensor]] = {"velocity": guide_velocity, "po
 
 
 def feature_block(depth: int, fraction: float) -> int:
-    """0-based index of the block ``fraction`` of the way through ``depth`` blocks (1.0: the
-    last; 2/3 of 60 layers: the paper's 40th)."""
+    """0-based index of the block ``fraction`` of the way through ``depth`` blocks, rounded to
+    the nearest block (1.0: the last; 2/3 of 60: the paper's 40th; of 4: the 3rd)."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"a feature depth fraction must be in (0, 1], got {fraction}")
-    return max(1, math.ceil(fraction * depth - 1e-9)) - 1
+    return max(1, math.floor(fraction * depth + 0.5)) - 1
 
 
 def teacher_tokens(teacher: Denoiser, x: Tensor, t: Tensor, cond: Any, block: int) -> Tensor:
@@ -459,7 +459,7 @@ class AccVideo(Objective):
     def losses(self, roles, batch, update, step):
         cfg = self.config
         x = self.check_batch(batch)
-        student, heads = roles["student"], roles["discriminator"]
+        student, heads = roles["student"], roles.get("discriminator")
         i = batch.rng.shared_randint(0, self.m)  # the key interval of this step (E_k of eq. 6)
         j = i + 1
         t_i, t_j = self.key_times[i], self.key_times[j]
