@@ -24,13 +24,7 @@ from fewstep.dataset_distill.fair.fair_repr import (
 )
 from fewstep.dataset_distill.fair.metrics import data_gap
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_gradient_reversal():

@@ -15,14 +15,7 @@ from fewstep.dataset_distill.graphs.synthetic import (
 )
 from fewstep.dataset_distill.graphs.tu import read_tu, write_tu
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is several times faster than contended threads."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write(folder: Path, name: str, files: dict[str, str]) -> Path:

@@ -20,14 +20,7 @@ from fewstep.dataset_distill.graphs.mirage import (
 )
 from fewstep.dataset_distill.graphs.synthetic import molecule_dataset, motif_dataset
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is several times faster than contended threads."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _permute(g, perm: torch.Tensor):

@@ -11,14 +11,7 @@ from fewstep.threed.dataset import read_transforms, save_image, write_transforms
 from fewstep.threed.fields import toy_voxel_scene
 from fewstep.threed.volume import VolumeRenderConfig, render_field
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threads only add overhead on the shared 2-core machines."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

@@ -18,14 +18,7 @@ from fewstep.threed.fields import (
 )
 from fewstep.threed.volume import VolumeRenderConfig, render_field, render_rays
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threads only add overhead on the shared 2-core machines."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_field_honours_the_interface():

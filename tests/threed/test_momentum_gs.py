@@ -32,13 +32,7 @@ from fewstep.threed.momentum_gs import (
 )
 from fewstep.threed.volume import VolumeRenderConfig, render_field
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_momentum_update_is_exact():

@@ -31,12 +31,7 @@ from fewstep.video.teacher import VideoDataConfig, VideoTeacherConfig, build_tea
 T, C, S = 4, 3, 8  # frames, channels, size of the tiny clips
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

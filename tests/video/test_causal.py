@@ -11,12 +11,7 @@ from fewstep.video.dit import VideoDiT, VideoDiTConfig
 TOL = 2e-5  # fp32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _teacher(depth=2, frames=4) -> VideoDiT:
