@@ -53,30 +53,39 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(last / "weights.safetensors"))
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_train_what_one_process_trains_with_the_global_batch(
-    parallel, tmp_path, monkeypatch, cache_dir
-):
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, cache_dir):
+    """(folder with the tiny SD pipeline and prompts, weights of the one-process run at the
+    global batch): the reference both parallel modes are compared with."""
     from fewstep.image.tiny import sd_pipeline
 
+    root = tmp_path_factory.mktemp("latent-distributed")
+    sd_pipeline(root / "sd")
+    (root / "prompts.txt").write_text("a red circle\na blue square\na green cross\n")
+    assert cli.main(_args(root, root / "single", WORLD * BATCH)) == 0
+    return root, _weights(root / "single")
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_train_what_one_process_trains_with_the_global_batch(
+    parallel, single, monkeypatch
+):
+    root, single = single
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    sd_pipeline(tmp_path / "sd")
-    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\na green cross\n")
-    run_ranks(functools.partial(_rank, parallel), WORLD, str(tmp_path))
-    assert (tmp_path / parallel / "pipeline" / "model_index.json").exists()  # rank 0 exported
+    run_ranks(functools.partial(_rank, parallel), WORLD, str(root))
+    assert (root / parallel / "pipeline" / "model_index.json").exists()  # rank 0 exported
 
-    assert cli.main(_args(tmp_path, tmp_path / "single", WORLD * BATCH)) == 0
     # Summation order differs (two local means averaged vs one global mean), and Adam's first
     # steps turn float32 noise in near-zero gradients into full-size updates, so exact
     # equality is not expected: the runs must agree to 1 % of how far training moved them.
     # A rank that trained on the wrong slice, or unaveraged gradients, moves by O(100 %).
-    ddp, single = _weights(tmp_path / parallel), _weights(tmp_path / "single")
-    teacher = load_file(str(next((tmp_path / "sd" / "unet").glob("*.safetensors"))))
+    multi = _weights(root / parallel)
+    teacher = load_file(str(next((root / "sd" / "unet").glob("*.safetensors"))))
     for prefix in ("student.unet.", "fake_score.score.unet."):
         keys = [k for k in single if k.startswith(prefix)]
         assert {k[len(prefix) :] for k in keys} == teacher.keys()
         moved = torch.cat([(single[k] - teacher[k[len(prefix) :]]).flatten() for k in keys])
-        gap = torch.cat([(ddp[k] - single[k]).flatten() for k in keys])
+        gap = torch.cat([(multi[k] - single[k]).flatten() for k in keys])
         assert moved.norm() > 0, f"{prefix} never moved; the comparison proves nothing"
         assert gap.norm() < 0.01 * moved.norm(), (prefix, gap.norm(), moved.norm())
