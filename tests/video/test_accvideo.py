@@ -8,7 +8,7 @@ import torch
 
 from fewstep.core.batch import Batch, StepRNG
 from fewstep.core.models import Denoiser, GuidedDenoiser, trainable_copy
-from fewstep.core.objectives.common import ode_step
+from fewstep.core.objectives.common import gan_discriminator_loss, gan_generator_loss, ode_step
 from fewstep.core.paths import make_path
 from fewstep.core.samplers import EulerSampler
 from fewstep.video import accvideo as A
@@ -25,7 +25,6 @@ from fewstep.video.accvideo import (
     synthesize_trajectories,
     teacher_grid,
 )
-from fewstep.video.mcm import bce_discriminator, bce_generator
 from fewstep.video.teacher import VideoDataConfig, VideoTeacherConfig, build_teacher, null_labels
 
 T, C, S = 4, 3, 8  # frames, channels, size of the tiny clips
@@ -272,14 +271,14 @@ def test_generator_loss_falls_as_fakes_move_toward_reals(teacher):
     heads = _roles(obj, teacher, _batch(torch.zeros(8, 4, T, C, S, S), labels))["discriminator"]
     opt = torch.optim.Adam(heads.parameters(), lr=3e-3)
     for _ in range(40):
-        d = bce_discriminator(
+        d = gan_discriminator_loss(
             obj.logits(heads, real, 1, labels), obj.logits(heads, fake, 1, labels)
         )
         opt.zero_grad()
         d.backward()
         opt.step()
     with torch.no_grad():
-        gen = [bce_generator(obj.logits(heads, (1 - a) * fake + a * real, 1, labels)).item()
+        gen = [gan_generator_loss(obj.logits(heads, (1 - a) * fake + a * real, 1, labels)).item()
                for a in (0.0, 0.5, 1.0)]  # fmt: skip
     assert gen[0] > gen[1] > gen[2], gen
 

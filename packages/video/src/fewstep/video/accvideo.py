@@ -64,10 +64,15 @@ from torch import Tensor, nn
 from fewstep.core.batch import Batch
 from fewstep.core.models import Denoiser, GuidedDenoiser, _batch_t, _output_of
 from fewstep.core.objectives.base import Objective
-from fewstep.core.objectives.common import check_choice, ode_step, unguided
+from fewstep.core.objectives.common import (
+    check_choice,
+    gan_discriminator_loss,
+    gan_generator_loss,
+    ode_step,
+    unguided,
+)
 from fewstep.core.objectives.dmd2 import GANHead
 from fewstep.core.samplers import EulerSampler
-from fewstep.video.mcm import bce_discriminator, bce_generator
 
 SYNVID_FORMAT = 1  # bump when the stored layout changes (part of the cache key)
 
@@ -476,7 +481,7 @@ class AccVideo(Objective):
             if gan:
                 fake = self.fake_landing(student, batch, i, x_i, v)
                 tokens = teacher_tokens(self.teacher, fake, t_land, batch.cond, block)
-                g = bce_generator(heads(tokens, head))
+                g = gan_generator_loss(heads(tokens, head))
                 fake_f = tokens.detach()
                 logs["gan_generator"] = g.item()
                 loss = loss + cfg.adv_weight * g
@@ -489,7 +494,7 @@ class AccVideo(Objective):
                 # the real side: SynVid's stored points at the landing key time
                 real_f = teacher_tokens(self.teacher, x_j, t_land, batch.cond, block)
             lr, lf = heads(real_f, head), heads(fake_f, head)
-            d = bce_discriminator(lr, lf)
+            d = gan_discriminator_loss(lr, lf)
             # alg. 1 line 26: H_k <- Update(H_k, lambda_adv L_adv)
             losses["discriminator"] = cfg.adv_weight * d
             logs.update(disc_loss=d.item(), disc_real_acc=(lr > 0).float().mean().item(),

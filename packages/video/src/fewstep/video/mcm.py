@@ -45,7 +45,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewstep.core.models import Denoiser, frozen_copy
-from fewstep.core.objectives.common import check_choice, noised
+from fewstep.core.objectives.common import (
+    check_choice,
+    gan_discriminator_loss,
+    gan_generator_loss,
+    noised,
+)
 from fewstep.core.objectives.consistency import (
     ConsistencyConfig,
     ConsistencyDistillation,
@@ -210,21 +215,12 @@ def hinge_discriminator(real: Tensor, fake: Tensor) -> Tensor:
     return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
 
 
-def bce_generator(fake: Tensor) -> Tensor:
-    """Non-saturating loss (Goodfellow et al. 2014) -log sigmoid(D(fake))."""
-    return F.softplus(-fake).mean()
-
-
-def bce_discriminator(real: Tensor, fake: Tensor) -> Tensor:
-    return F.softplus(-real).mean() + F.softplus(fake).mean()
-
-
 # name -> (generator loss(fake logits), discriminator loss(real logits, fake logits));
 # hinge's generator term is -D(fake) (MCM adds a constant 1, which changes no gradient)
 GAN_LOSSES: dict[str, tuple[Callable, Callable]] = {
     "wgan": (wgan_generator, wgan_discriminator),
     "hinge": (wgan_generator, hinge_discriminator),
-    "bce": (bce_generator, bce_discriminator),
+    "bce": (gan_generator_loss, gan_discriminator_loss),  # core's non-saturating GAN
 }
 
 

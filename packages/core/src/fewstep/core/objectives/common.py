@@ -53,6 +53,17 @@ def sample_times(path: Path, batch: Batch, frac_range: tuple[float, float] = (0.
     return path.fraction_to_t(lo + (hi - lo) * u).to(batch.rng.device)
 
 
+def gan_generator_loss(fake_logits: Tensor) -> Tensor:
+    """Non-saturating generator loss (Goodfellow et al. 2014): mean -log sigmoid(D(fake)),
+    written softplus(-D(fake)) for stability."""
+    return F.softplus(-fake_logits).mean()
+
+
+def gan_discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """The discriminator's side: mean softplus(-D(real)) + mean softplus(D(fake))."""
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
 def noised(path: Path, x0: Tensor, t: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
     """(x_t, eps) with fresh noise from the batch's generator."""
     eps = batch.rng.randn_like(x0).to(x0)

@@ -32,6 +32,8 @@ from fewstep.core.objectives.base import Objective, ObjectiveConfig
 from fewstep.core.objectives.common import (
     denoising_loss,
     first,
+    gan_discriminator_loss,
+    gan_generator_loss,
     noised,
     sample_shape,
     sample_times,
@@ -118,7 +120,7 @@ def gan_critic_loss(critic, path, x_fake: Tensor, t: Tensor, batch: Batch) -> tu
         critic["score"].features(torch.cat([xf_t, xr_t]), torch.cat([t, t]), cond)
     )
     lf, lr = logits.chunk(2)
-    return F.softplus(lf).mean() + F.softplus(-lr).mean(), (lr > 0).float().mean().item()
+    return gan_discriminator_loss(lr, lf), (lr > 0).float().mean().item()
 
 
 class DMD2(Objective):
@@ -200,7 +202,7 @@ class DMD2(Objective):
         differentiable samples x at ``gan_times`` (DMD2 eq. 5)."""
         t_g = self.gan_times(batch, x)
         xg_t, _ = noised(self.path, x, t_g, batch)
-        return F.softplus(-critic["head"](critic["score"].features(xg_t, t_g, batch.cond))).mean()
+        return gan_generator_loss(critic["head"](critic["score"].features(xg_t, t_g, batch.cond)))
 
     def critic_loss(self, critic: nn.ModuleDict, x_d: Tensor, batch: Batch) -> tuple[Tensor, dict]:
         """The fake score's denoising loss on detached student samples x_d, plus the GAN
