@@ -41,7 +41,12 @@ def test_recipe_distills_streams_and_reports(tmp_path, monkeypatch):
         assert m["nfe_reduction"] > 1
         assert m["student_first_chunk_latency"] > 0 and m["student_frames_per_second"] > 0
         assert len(m["long_chunk_seconds"]) == 4
-        for who in ("student", "teacher"):  # the classifier's quality figures, both sides
+        # both samplers scored by the classifier against the same real clips, each on its own
+        # videos
+        assert m["student_reference_warp_error"] == m["teacher_reference_warp_error"]
+        assert m["student_video_fd"] != m["teacher_video_fd"]
+        assert m["student_warp_error"] != m["teacher_warp_error"]
+        for who in ("student", "teacher"):
             assert m[f"{who}_video_fd"] >= 0 and 0 <= m[f"{who}_digit_accuracy"] <= 1
         assert m["classifier"]["frames"] == 4 and m["reference_clips"] == 12
         for name in ("student.safetensors", "report.html", "samples_student.gif",
