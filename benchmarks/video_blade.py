@@ -21,6 +21,11 @@ by side in one process, one thread, best of ``--repeats``:
   Triton kernel's tile-skipping algorithm in PyTorch) with the ASA masks vs with dense masks,
   and dense SDPA, so what skipping tiles buys on this machine is measured, not assumed.
 
+On CUDA (``--device cuda``, optionally ``--dtype bfloat16`` under autocast) the student's
+attention is core's Triton block-sparse kernel (dispatch ``auto``) and the dense teacher's is
+flash SDPA (pinned ``sdpa`` backend, no mask), so the end-to-end ratio includes the skipped
+tiles; the per-layer rows then compare Triton sparse, Triton dense mask and flash SDPA.
+
 Quality part (``--quality``): runs ``fewstep distill video-blade`` with its defaults (trains
 and caches the default teacher and classifier when missing) and adds its metrics (FD, digit
 accuracy, warp error of sparse student, dense-attention student and teacher).
@@ -40,11 +45,16 @@ import torch
 from report_io import machine, markdown_table, write_json
 
 
-def best_time(fn, repeats: int) -> float:
+def best_time(fn, repeats: int, cuda: bool = False) -> float:
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:  # the first call compiles the Triton kernels
+        fn()
+        sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return min(times)
 
@@ -66,6 +76,8 @@ def capture_qkv(student, x, t, labels, heads: int) -> list[tuple]:
 
 
 def speed(args) -> dict:
+    import contextlib
+
     from fewstep.core.kernels import attention
     from fewstep.core.models import GuidedDenoiser, ModuleDenoiser
     from fewstep.core.paths import make_path
@@ -75,7 +87,7 @@ def speed(args) -> dict:
     from fewstep.video.recipes.blade import per_layer
     from fewstep.video.teacher import null_labels
 
-    cfg = VideoDiTConfig(frames=args.frames, size=args.size, patch=(2, 4, 4), dim=args.dim,
+    cfg = VideoDiTConfig(frames=args.frames, size=args.size, patch=tuple(args.patch), dim=args.dim,
                          depth=args.depth, heads=args.heads, num_classes=10)  # fmt: skip
     torch.manual_seed(0)
     net = VideoDiT(cfg)
@@ -83,28 +95,35 @@ def speed(args) -> dict:
         for name, p in net.named_parameters():
             if "ada" in name or "head" in name:
                 p.normal_(0.0, 0.02)
-    teacher = ModuleDenoiser(net, make_path("rectified_flow"), "velocity").eval()
+    dev, cuda = torch.device(args.device), args.device.startswith("cuda")
+    teacher = ModuleDenoiser(net.to(dev), make_path("rectified_flow"), "velocity").eval()
     teacher.requires_grad_(False)
     asa = ASAConfig(block_size=args.block, tile=tuple(args.tile), threshold=args.threshold,
                     min_retain=0.05, max_retain=args.max_retain)  # fmt: skip
     student, _ = sparse_student(teacher, asa)
     student.eval().requires_grad_(False)
     mask = student_mask(student)
+    if cuda:  # the dense teacher gets the fastest dense kernel, flash SDPA
+        for blk in teacher.net.blocks:
+            blk.attn.backend = "sdpa"
+    amp = (torch.autocast(dev.type, dtype=getattr(torch, args.dtype))
+           if args.dtype != "float32" else contextlib.nullcontext())  # fmt: skip
     dense_student = ModuleDenoiser(teacher.net, teacher.path, "velocity")  # same weights
     guided = GuidedDenoiser(teacher, args.guidance, null_labels)
 
     gen = torch.Generator().manual_seed(0)
     b = args.batch
-    noise = torch.randn(b, cfg.frames, 3, cfg.size, cfg.size, generator=gen)
-    labels = torch.randint(0, 10, (b,), generator=gen)
+    noise = torch.randn(b, cfg.frames, 3, cfg.size, cfg.size, generator=gen).to(dev)
+    labels = torch.randint(0, 10, (b,), generator=gen).to(dev)
     teacher_sampler = EulerSampler(args.teacher_steps)
 
     def fractions(k):
         return [float(teacher.path.fraction_to_t(1 - i / k)) for i in range(k)]
 
     rows, per_k = [], {}
-    with torch.no_grad():
-        t_teacher = best_time(lambda: teacher_sampler.sample(guided, noise, labels), args.repeats)
+    with torch.no_grad(), amp:
+        t_teacher = best_time(lambda: teacher_sampler.sample(guided, noise, labels), args.repeats,
+                              cuda)  # fmt: skip
         t_nfe = teacher_sampler.sample(guided, noise[:1], labels[:1]).nfe
         dense_flops = dit_flops(cfg)
         rows.append({"sampler": f"dense teacher, {args.teacher_steps} Euler steps, CFG",
@@ -115,9 +134,10 @@ def speed(args) -> dict:
             stats = mask.reset()
             s_sample = sampler.sample(student, noise, labels)
             dens = per_layer(stats.kept, cfg.depth)
-            t_sparse = best_time(lambda s=sampler: s.sample(student, noise, labels), args.repeats)
+            t_sparse = best_time(lambda s=sampler: s.sample(student, noise, labels), args.repeats,
+                                 cuda)  # fmt: skip
             t_dense = best_time(lambda s=sampler: s.sample(dense_student, noise, labels),
-                                args.repeats)  # fmt: skip
+                                args.repeats, cuda)  # fmt: skip
             sparse_flops = dit_flops(cfg, dens)
             flops_ratio = t_nfe * dense_flops["total"] / (s_sample.nfe * sparse_flops["total"])
             per_k[k] = {"attn_density_per_layer": dens,
@@ -133,27 +153,33 @@ def speed(args) -> dict:
                          "flops_ratio_vs_teacher": t_nfe / s_sample.nfe})  # fmt: skip
 
         # attention alone, layer by layer, on the student's own q, k, v at the first step
-        t0 = torch.full((b,), float(teacher.path.fraction_to_t(1.0)))
+        t0 = torch.full((b,), float(teacher.path.fraction_to_t(1.0)), device=dev)
         stats = mask.reset(record_masks=True)
         qkv = capture_qkv(student, noise, t0, labels, cfg.heads)
+        # tile-skipping kernel (sparse mask vs all-ones mask) and dense SDPA (flash on CUDA)
+        skipper = "triton" if cuda else "blockwise"
         kernel_rows = []
         for layer, ((q, k_, v), m) in enumerate(zip(qkv, stats.masks, strict=True)):
             ones = torch.ones_like(m)
             timings = {}
-            for name, backend, bm in (("blockwise_sparse", "blockwise", m),
-                                      ("blockwise_dense", "blockwise", ones),
+            for name, backend, bm in ((f"{skipper}_sparse", skipper, m),
+                                      (f"{skipper}_dense", skipper, ones),
                                       ("sdpa_dense", "sdpa", None),
                                       ("sdpa_masked", "sdpa", m)):  # fmt: skip
-                timings[name] = best_time(
-                    lambda be=backend, bm=bm, qkv=(q, k_, v): attention(
-                        *qkv, bm, block_size=args.block, backend=be), args.repeats)  # fmt: skip
+
+                def call(be=backend, bm=bm, qkv=(q, k_, v)):
+                    return attention(*qkv, bm, block_size=args.block, backend=be)
+
+                try:
+                    timings[name] = best_time(call, args.repeats, cuda)
+                except torch.OutOfMemoryError:  # the masked SDPA expands a token mask
+                    timings[name] = float("nan")
+                    torch.cuda.empty_cache()
             kernel_rows.append({
                 "layer": layer, "density": m.float().mean().item(),
-                "blockwise_sparse_ms": 1e3 * timings["blockwise_sparse"],
-                "blockwise_dense_ms": 1e3 * timings["blockwise_dense"],
-                "blockwise_speedup": timings["blockwise_dense"] / timings["blockwise_sparse"],
-                "sdpa_dense_ms": 1e3 * timings["sdpa_dense"],
-                "sdpa_masked_ms": 1e3 * timings["sdpa_masked"],
+                **{f"{name}_ms": 1e3 * sec for name, sec in timings.items()},
+                f"{skipper}_speedup": timings[f"{skipper}_dense"] / timings[f"{skipper}_sparse"],
+                "sparse_vs_sdpa_dense": timings["sdpa_dense"] / timings[f"{skipper}_sparse"],
             })  # fmt: skip
     return {
         "config": {"frames": cfg.frames, "size": cfg.size, "patch": cfg.patch, "dim": cfg.dim,
@@ -161,7 +187,8 @@ def speed(args) -> dict:
                    "block_size": args.block, "tile": args.tile,
                    "threshold": args.threshold, "max_retain": args.max_retain,
                    "guidance": args.guidance, "teacher_steps": args.teacher_steps,
-                   "batch": b, "repeats": args.repeats, "weights": "random (untrained)"},
+                   "batch": b, "repeats": args.repeats, "weights": "random (untrained)",
+                   "device": args.device, "dtype": args.dtype},
         "per_step_count": per_k,
         "end_to_end": rows,
         "attention_kernels": kernel_rows,
@@ -182,6 +209,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--size", type=int, default=32)
+    p.add_argument("--patch", type=int, nargs=3, default=[2, 4, 4], help="frames, rows, cols")
     p.add_argument("--dim", type=int, default=96)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -195,6 +223,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda for the Triton kernel")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="autocast dtype of the networks (float32: none)")  # fmt: skip
     p.add_argument("--quality", action="store_true", help="also distil and evaluate")
     p.add_argument("--out", type=Path,
                    default=Path(__file__).parent / "results" / "video_blade.json")  # fmt: skip

@@ -72,6 +72,7 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = heads
         self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.backend = "auto"  # core's attention dispatch backend (benchmarks pin one)
 
     def forward(self, x: Tensor, block_mask: Tensor | None = None, mask_fn: MaskFn | None = None,
                 block_size: int = 64) -> Tensor:  # fmt: skip
@@ -80,7 +81,7 @@ class Attention(nn.Module):
         if mask_fn is not None:
             with torch.no_grad():
                 block_mask = mask_fn(q.detach(), k.detach())
-        y = attention(q, k, v, block_mask, block_size=block_size)
+        y = attention(q, k, v, block_mask, block_size=block_size, backend=self.backend)
         return self.out(y.transpose(1, 2).reshape(b, n, c))
 
 
@@ -146,7 +147,8 @@ class VideoDiT(nn.Module):
             nn.init.zeros_(m.bias)
         # sparse attention (full-attention models): a static block mask over tokens in
         # ``order``, or a per-layer mask function; see ``use_sparse_attention``
-        self.order: Tensor | None = None
+        self.register_buffer("order", None, persistent=False)
+        self.register_buffer("order_inv", None, persistent=False)  # inverse of ``order``
         self.sparse: dict = {}
 
     def use_sparse_attention(
@@ -163,13 +165,16 @@ class VideoDiT(nn.Module):
         if self.cfg.attention != "full":
             raise ValueError("block-sparse attention applies to attention='full' models")
         if block_size == 0:
-            self.order, self.sparse = None, {}
+            self.order, self.order_inv, self.sparse = None, None, {}
             return
         if tile is not None and math.prod(tile) != block_size:
             raise ValueError(
                 f"tile {tile} holds {math.prod(tile)} tokens; block_size is {block_size}"
             )
-        self.order = tile_order(self.grid, tile) if tile is not None else None
+        # buffers on the model's device, so each forward indexes without a host copy
+        order = tile_order(self.grid, tile).to(self.pos.device) if tile is not None else None
+        self.order = order
+        self.order_inv = inverse_permutation(order) if order is not None else None
         self.sparse = {"block_mask": block_mask, "mask_fn": mask_fn, "block_size": block_size}
 
     def patchify(self, x: Tensor) -> Tensor:
@@ -198,11 +203,11 @@ class VideoDiT(nn.Module):
                 labels = torch.full((len(x),), cfg.num_classes, device=x.device)
             c = c + self.label(labels.long())
         if self.order is not None:
-            h = h[:, self.order.to(h.device)]
+            h = h[:, self.order]
         for block in self.blocks:
             h = block(h, c, self.grid, self.sparse)
         if self.order is not None:
-            h = h[:, inverse_permutation(self.order).to(h.device)]
+            h = h[:, self.order_inv]
         shift, scale = self.final_ada(c).chunk(2, -1)
         return self.unpatchify(self.head(_modulate(self.final_norm(h), shift, scale)))
 

@@ -164,9 +164,13 @@ def _flex(q, k, v, mask, block_size, causal, scale) -> Tensor:
 
     b, h, n_q, _ = q.shape
     bm = create_block_mask(mask_mod, b, h, n_q, k.shape[-2], device=q.device, BLOCK_SIZE=block_size)
+    # compiled flex tiles by 128 on Hopper by default, which must divide the mask's blocks
+    opts = (
+        {"BLOCK_M": block_size, "BLOCK_N": block_size} if q.is_cuda and block_size < 128 else None
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        return _flex_fn(q.is_cuda)(q, k, v, block_mask=bm, scale=scale)
+        return _flex_fn(q.is_cuda)(q, k, v, block_mask=bm, scale=scale, kernel_options=opts)
 
 
 def _xformers(q, k, v, mask, block_size, causal, scale) -> Tensor:

@@ -60,12 +60,15 @@ def validate_block_mask(
         if n_q != n_k:
             raise ValueError(f"causal attention needs as many queries as keys ({n_q} vs {n_k})")
         mask = mask & causal_block_mask(nqb, nkb, mask.device)
-    if not bool(mask.any(-1).all()):
-        where = "at or before the diagonal " if causal else ""
-        raise ValueError(
-            f"every query block must keep at least one key block {where}(a row with none "
-            "would have no softmax normaliser)"
-        )
+    where = "at or before the diagonal " if causal else ""
+    message = (
+        f"every query block must keep at least one key block {where}(a row with none "
+        "would have no softmax normaliser)"
+    )
+    if mask.is_cuda:  # checked on the device: a host-side check would sync every layer
+        torch._assert_async(mask.any(-1).all(), message)
+    elif not bool(mask.any(-1).all()):
+        raise ValueError(message)
     return mask
 
 
