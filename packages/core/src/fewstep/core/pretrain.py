@@ -7,7 +7,7 @@ import copy
 
 import torch
 
-from fewstep.core.batch import Batch, StepRNG
+from fewstep.core.batch import Batch, StepRNG, cond_to
 from fewstep.core.models import Denoiser, ema_update_
 from fewstep.core.objectives.classifier_free import drop_cond
 from fewstep.core.objectives.common import denoising_loss
@@ -46,7 +46,7 @@ def train_denoiser(
         x, cond = data(rng)
         x = x.to(device)
         if cond is not None:
-            cond = cond.to(device)
+            cond = cond_to(cond, device)
             cond = drop_cond(cond, null_cond, cond_dropout, Batch(x, cond, rng))
         loss = denoising_loss(model, x, cond, Batch(x, cond, rng))
         opt.zero_grad(set_to_none=True)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from fewstep.core import checkpoint as ckpt
 from fewstep.core import distributed as D
 from fewstep.core import fsdp as F
-from fewstep.core.batch import Batch, StepRNG, cond_to
+from fewstep.core.batch import Batch, StepRNG, cond_to, index_cond
 from fewstep.core.models import Denoiser, ema_update_, frozen_copy
 from fewstep.core.objectives.base import Objective
 
@@ -102,14 +102,17 @@ class DataSource(Protocol):
 
 @dataclass
 class TensorData:
-    """Uniform draws with replacement from in-memory tensors (x, optional labels)."""
+    """Uniform draws with replacement from in-memory tensors (x, optional conditions: a
+    tensor, or a dict of tensors such as {"labels", "control"})."""
 
     x: Tensor  # (N, ...) samples
-    cond: Tensor | None = None  # (N, ...) conditions, e.g. class labels
+    cond: Tensor | dict[str, Tensor] | None = None  # (N, ...) conditions, e.g. class labels
 
     def __post_init__(self):
-        if self.cond is not None and len(self.cond) != len(self.x):
-            raise ValueError(f"x has {len(self.x)} samples but cond has {len(self.cond)}")
+        conds = self.cond.items() if isinstance(self.cond, dict) else [("cond", self.cond)]
+        for name, c in conds:
+            if c is not None and len(c) != len(self.x):
+                raise ValueError(f"x has {len(self.x)} samples but {name} has {len(c)}")
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -117,7 +120,7 @@ class TensorData:
 
     def __call__(self, rng):
         idx = rng.randint(0, len(self.x)).cpu()
-        return self.x[idx], None if self.cond is None else self.cond[idx]
+        return self.x[idx], index_cond(self.cond, idx)
 
 
 @dataclass

@@ -33,6 +33,9 @@ class VideoDataConfig:
     size: int = 16  # frame height and width
     seed: int = 0  # recipe seed of the videos
     quality: str = "high"  # high, or low (blur, noise, JPEG and strong x264 compression)
+    # digits per clip, drawn from 1..max_digits. 1 (since session 10): the label, the first
+    # digit's, then names the clip; with 2 the teacher learnt to ignore it (session 9)
+    max_digits: int = 1
 
 
 @dataclass
@@ -63,23 +66,26 @@ def null_labels(labels: Tensor) -> Tensor:
     return torch.full_like(labels, NUM_CLASSES)
 
 
-def load_clips(cfg: VideoDataConfig, folder: Path | None = None) -> tuple[Tensor, Tensor]:
+def load_clips(cfg: VideoDataConfig, folder: Path | None = None, with_meta: bool = False):
     """(clips (N, T, 3, H, W) in [-1, 1], first-digit labels (N,)), generated as MP4 files
-    under ``folder`` (default: the fewstep cache) and read back with decord."""
+    under ``folder`` (default: the fewstep cache) and read back with decord; with
+    ``with_meta`` also each clip's moving-digits metadata (positions, angles, ...)."""
     from fewstep.core.cache import cache_key, cache_root
     from fewstep.video.io import VideoClipDataset
-    from fewstep.video.moving_digits import generate_moving_digits
+    from fewstep.video.moving_digits import MovingDigitsConfig, generate_moving_digits
 
     folder = folder or cache_root() / "video-data" / cache_key(dataclasses.asdict(cfg))
     meta_file = folder / "metadata.json"
     if not meta_file.exists():
-        generate_moving_digits(folder, cfg.videos, cfg.frames, cfg.size, cfg.seed, cfg.quality)
+        generate_moving_digits(folder, cfg.videos, cfg.frames, cfg.size, cfg.seed, cfg.quality,
+                               MovingDigitsConfig(digits=(1, cfg.max_digits)))  # fmt: skip
     meta = json.loads(meta_file.read_text())
-    label_of = {v["file"]: v["digits"][0]["label"] for v in meta["videos"]}
+    meta_of = {v["file"]: v for v in meta["videos"]}
     ds = VideoClipDataset(folder, clip_len=cfg.frames, random_clip=False)
     clips = torch.stack([ds[i] for i in range(len(ds))])
-    labels = torch.tensor([label_of[info.path.name] for info in ds.videos])
-    return clips, labels
+    metas = [meta_of[info.path.name] for info in ds.videos]
+    labels = torch.tensor([m["digits"][0]["label"] for m in metas])
+    return (clips, labels, metas) if with_meta else (clips, labels)
 
 
 def build_teacher(cfg: VideoTeacherConfig) -> ModuleDenoiser:

@@ -44,16 +44,25 @@ def guided_predict(
 
 def drop_cond(cond: Any, null_cond: Callable[[Any], Any] | None, p: float, batch: Batch) -> Any:
     """Replace each sample's condition by the null one with probability ``p`` (CFG training,
-    Ho & Salimans 2022); tensors only (labels, embeddings)."""
+    Ho & Salimans 2022): tensors, or dicts of tensors, each sample's entries dropped together
+    (what a dropped entry becomes is ``null_cond``'s choice, e.g. the label only)."""
     if cond is None or p <= 0:
         return cond
     if null_cond is None:
         raise ValueError("condition dropout needs null_cond(cond)")
+    mask = batch.rng.rand() < p
+    return _where(mask, null_cond(cond), cond)
+
+
+def _where(mask: Tensor, null: Any, cond: Any) -> Any:
+    if isinstance(cond, dict):
+        return {k: _where(mask, null[k], v) for k, v in cond.items()}
     if not isinstance(cond, Tensor):
-        raise TypeError(f"condition dropout supports tensor conditions, got {type(cond).__name__}")
-    mask = batch.rng.rand().to(cond.device) < p
-    null = null_cond(cond)
-    return torch.where(mask.reshape(-1, *([1] * (cond.ndim - 1))), null, cond)
+        raise TypeError(
+            f"condition dropout supports tensors or dicts of tensors, got {type(cond).__name__}"
+        )
+    m = mask.to(cond.device).reshape(-1, *([1] * (cond.ndim - 1)))
+    return torch.where(m, null, cond)
 
 
 def null_cond_of(teacher: Denoiser, null_label: int | None) -> Callable[[Any], Any] | None:

@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
+from fewstep.core.batch import index_cond
 from fewstep.core.training import TrainConfig
 from fewstep.video.evaluate import ClassifierConfig
 from fewstep.video.recipes.common import resolve_device, tile_videos
@@ -102,22 +104,38 @@ class SelfForcingRecipe:
             return teacher
         return GuidedDenoiser(teacher, cfg.guidance, null_labels)
 
+    def load_teacher(self, cfg, progress: bool = True):
+        """(frozen teacher, info): the cached class-conditional video teacher."""
+        from fewstep.video.teacher import load_teacher
+
+        return load_teacher(cfg.teacher, progress=progress)
+
+    def load_data(self, cfg) -> tuple[Tensor, Any, Tensor]:
+        """(clips, training condition, labels): the condition is the labels here."""
+        from fewstep.video.teacher import load_clips
+
+        clips, labels = load_clips(cfg.teacher.data)
+        return clips, labels, labels
+
+    def new_student(self, cfg, teacher):
+        from fewstep.video.causal import causal_student
+
+        return causal_student(teacher, cfg.chunk_frames)
+
     def distill(self, cfg: SelfForcingRecipeConfig, obj_cfg, out_dir: Path) -> dict:
         from fewstep.core.io import atomic_write_json
         from fewstep.core.training import TensorData, Trainer
-        from fewstep.video.causal import causal_student
         from fewstep.video.self_forcing import ODEInit, ODEInitConfig, SelfForcingDMD
-        from fewstep.video.teacher import load_clips, load_teacher
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         _window(cfg)
         out_dir, device = Path(out_dir), resolve_device(cfg.device)
-        teacher, tinfo = load_teacher(cfg.teacher, progress=cfg.train.progress)
-        clips, labels = load_clips(cfg.teacher.data)
-        data = TensorData(clips, labels)
+        teacher, tinfo = self.load_teacher(cfg, progress=cfg.train.progress)
+        clips, cond, labels = self.load_data(cfg)
+        data = TensorData(clips, cond)
         real = self.real_score(cfg, teacher)
-        student = causal_student(teacher, cfg.chunk_frames)
+        student = self.new_student(cfg, teacher)
         d = cfg.dmd
 
         t0 = time.perf_counter()
@@ -139,7 +157,7 @@ class SelfForcingRecipe:
         student = sf.ema if sf.ema is not None else sf.roles["student"]
         self._save(out_dir, student, cfg)
 
-        metrics = self._evaluate(cfg, teacher, real, student.eval(), clips, labels, out_dir)
+        metrics = self._evaluate(cfg, real, student.eval(), clips, cond, labels, out_dir)
         ode = [r["ode_loss"] for r in init_hist if "ode_loss" in r]
         metrics.update(
             teacher_train_seconds=tinfo.get("train_seconds"), init_seconds=init_seconds,
@@ -160,31 +178,45 @@ class SelfForcingRecipe:
     def load(self, run_dir: Path):
         """(config, teacher, real score, student denoiser)."""
         from fewstep.core.rundir import load_run_config, load_student
-        from fewstep.video.causal import causal_student
-        from fewstep.video.teacher import load_teacher
 
         cfg, _ = load_run_config(run_dir, self.config_cls)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        teacher, _ = load_teacher(cfg.teacher, progress=False)
-        student = causal_student(teacher, cfg.chunk_frames)
+        teacher, _ = self.load_teacher(cfg, progress=False)
+        student = self.new_student(cfg, teacher)
         student.load_state_dict(load_student(run_dir)[0])
         return cfg, teacher, self.real_score(cfg, teacher), student.eval().requires_grad_(False)
 
     # --- evaluation ------------------------------------------------------------------------
-    def _stream_video(self, cfg, student, labels, n_chunks, gen, window):
+    def _stream_video(self, cfg, student, cond, n_chunks, gen, window, first_chunk=None):
         from fewstep.video.self_forcing import StreamStats, stream
 
         d, stats = cfg.dmd, StreamStats()
         t0 = time.perf_counter()
         chunks = stream(
-            student, n_chunks, d.student_steps, d.first_chunk_steps, window, labels,
-            generator=gen, context_frac=d.context_frac, stats=stats,
+            student, n_chunks, d.student_steps, d.first_chunk_steps, window, cond,
+            generator=gen, context_frac=d.context_frac, stats=stats, first_chunk=first_chunk,
         )  # fmt: skip
         chunks = list(chunks)
         return torch.cat(chunks, 1), time.perf_counter() - t0, stats
 
-    def _evaluate(self, cfg, teacher, real, student, clips, clip_labels, out_dir: Path) -> dict:
+    def eval_conditions(self, cfg, clips, cond, gen, device) -> tuple[Any, Tensor, Any]:
+        """(condition, labels, first chunk or None) of the evaluation videos: random labels."""
+        labels = torch.randint(0, 10, (cfg.eval.samples,), generator=gen).to(device)
+        return labels, labels, None
+
+    def long_condition(self, cfg, cond: Any, n: int, n_chunks: int) -> Any:
+        """The condition of ``n`` long streams of ``n_chunks`` chunks (labels: the first n)."""
+        return cond[:n]
+
+    def extra_metrics(self, cfg, real, student, videos: dict, cond, gen) -> dict:
+        """Method-specific figures on the evaluation videos ({"student", "teacher"})."""
+        return {}
+
+    def extra_report(self, rep, m: dict) -> None:
+        """Method-specific sections of the HTML report."""
+
+    def _evaluate(self, cfg, real, student, clips, clip_cond, clip_labels, out_dir: Path) -> dict:
         from fewstep.core.metrics import sliced_wasserstein
         from fewstep.core.samplers import EulerSampler
         from fewstep.video.evaluate import evaluate_videos, load_classifier
@@ -193,24 +225,32 @@ class SelfForcingRecipe:
         e, d = cfg.eval, cfg.dmd
         device = next(student.parameters()).device
         gen = torch.Generator().manual_seed(e.seed)
-        labels = torch.randint(0, 10, (e.samples,), generator=gen).to(device)
+        cond, labels, first = self.eval_conditions(cfg, clips, clip_cond, gen, device)
         frames, n_train = cfg.teacher.data.frames, student.net.n_chunks
         window = _window(cfg)
+        one_cond = index_cond(cond, torch.arange(1))
+        one_first = None if first is None else first[:1]
 
         with torch.no_grad():
-            video, s_wall, stats = self._stream_video(cfg, student, labels, n_train, gen, None)
-            _, s_one, one = self._stream_video(cfg, student, labels[:1], n_train, gen, None)
+            video, s_wall, stats = self._stream_video(cfg, student, cond, n_train, gen, None, first)
+            _, s_one, one = self._stream_video(
+                cfg, student, one_cond, n_train, gen, None, one_first
+            )
             noise = torch.randn(e.samples, *clips.shape[1:], generator=gen).to(device)
             t0 = time.perf_counter()
-            sample = EulerSampler(e.teacher_steps).sample(real, noise, labels)
+            sample = EulerSampler(e.teacher_steps).sample(real, noise, cond)
             t_wall = time.perf_counter() - t0
             t0 = time.perf_counter()
-            EulerSampler(e.teacher_steps).sample(real, noise[:1], labels[:1])
+            EulerSampler(e.teacher_steps).sample(real, noise[:1], one_cond)
             t_one = time.perf_counter() - t0
             long_chunks = e.long_chunks or 3 * n_train
+            long_cond = self.long_condition(cfg, cond, 4, long_chunks)
+            long_first = None if first is None else first[:4]
             long_video, _, long_stats = self._stream_video(
-                cfg, student, labels[:4], long_chunks, gen, window
+                cfg, student, long_cond, long_chunks, gen, window, long_first
             )
+            extra = self.extra_metrics(cfg, real, student, {"student": video, "teacher": sample.x},
+                                       cond, gen)  # fmt: skip
 
         n_first = d.first_chunk_steps or d.student_steps
         # network passes each frame goes through (its chunk's steps + the cache pass; the
@@ -239,7 +279,7 @@ class SelfForcingRecipe:
             "student_single_video_seconds": s_one,
             "sw_student_to_data": sw_student, "sw_teacher_to_data": sw_teacher,
             "long_chunks": long_chunks, "long_window": cfg.window,
-            "long_chunk_seconds": long_stats.chunk_seconds,
+            "long_chunk_seconds": long_stats.chunk_seconds, **extra,
         }  # fmt: skip
         data = cfg.teacher.data
         ccfg = dataclasses.replace(e.classifier, frames=data.frames, size=data.size)
@@ -269,18 +309,18 @@ class SelfForcingRecipe:
         if steps is not None:
             cfg = dataclasses.replace(cfg, dmd=dataclasses.replace(cfg.dmd, student_steps=steps))
         gen = torch.Generator().manual_seed(cfg.eval.seed)
-        labels = torch.randint(0, 10, (n,), generator=gen)
+        clips, cond, _ = self.load_data(cfg)
+        cond, _, first = self.eval_conditions(replace_samples(cfg, n), clips, cond, gen, "cpu")
         with torch.no_grad():
-            video, _, _ = self._stream_video(cfg, student, labels, student.net.n_chunks, gen, None)
+            video, _, _ = self._stream_video(cfg, student, cond, student.net.n_chunks, gen, None,
+                                             first)  # fmt: skip
         out = Path(out) if out else Path(run_dir) / f"samples_{n}.gif"
         return write_video(out, tile_videos(video), cfg.eval.fps)
 
     def evaluate(self, run_dir: Path) -> dict:
-        from fewstep.video.teacher import load_clips
-
-        cfg, teacher, real, student = self.load(run_dir)
-        clips, labels = load_clips(cfg.teacher.data)
-        return self._evaluate(cfg, teacher, real, student, clips, labels, Path(run_dir))
+        cfg, _, real, student = self.load(run_dir)
+        clips, cond, labels = self.load_data(cfg)
+        return self._evaluate(cfg, real, student, clips, cond, labels, Path(run_dir))
 
     def report(self, run_dir: Path) -> Path:
         from fewstep.core.report import Report
@@ -318,7 +358,13 @@ class SelfForcingRecipe:
             f"{m['long_chunks']} chunks with a rolling window of {m['long_window']} chunks: "
             "samples_long.mp4 (frame positions past the training length are extrapolated).",
         )
+        self.extra_report(rep, m)
         return rep.write()
+
+
+def replace_samples(cfg, n: int):
+    """``cfg`` with ``n`` evaluation samples."""
+    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, samples=n))
 
 
 def _quality(m: dict, who: str) -> dict:
