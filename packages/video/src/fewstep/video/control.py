@@ -20,7 +20,6 @@ correlated with the control signal per video.
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +28,13 @@ from torch import Tensor
 
 from fewstep.video.causal import CausalDenoiser, causal_student
 from fewstep.video.moving_digits import _BG_MAX
-from fewstep.video.teacher import VideoTeacherConfig, load_clips, load_teacher, null_labels
+from fewstep.video.teacher import (
+    VideoTeacherConfig,
+    load_clips,
+    load_teacher,
+    null_labels,
+    train_cached,
+)
 
 # ink: a channel above the background ceiling (digits have HSV value 1), with a margin for
 # compression and blending at the sprite's soft edges
@@ -102,30 +107,19 @@ def load_control_teacher(
 ) -> tuple[CausalDenoiser, dict]:
     """(frozen control teacher, info); fine-tuned from the cached class-only teacher on first
     use and cached by both configs. One chunk spans the clip: full attention, bidirectional."""
-    from fewstep.core.cache import cached_module
-    from fewstep.core.pretrain import train_denoiser
     from fewstep.core.training import TensorData
 
     base, _ = load_teacher(teacher_cfg, progress=progress)
-    frames = teacher_cfg.data.frames
-    model = causal_student(base, frames, control=True)
+    model = causal_student(base, teacher_cfg.data.frames, control=True)
     spec = {"teacher": dataclasses.asdict(teacher_cfg), "control": dataclasses.asdict(cfg),
             "model": "video-control-teacher-v1"}  # fmt: skip
 
-    def train(m: CausalDenoiser) -> dict:
+    def data() -> TensorData:
         clips, labels, control = load_conditions(teacher_cfg.data)
-        t0 = time.perf_counter()
-        ema, losses = train_denoiser(
-            m, TensorData(clips, {"labels": labels, "control": control}), steps=cfg.steps,
-            batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, cond_dropout=cfg.cond_dropout,
-            null_cond=null_labels_keep_control, progress=progress,
-        )  # fmt: skip
-        m.load_state_dict(ema.state_dict())
-        tail = losses[-50:]
-        return {"train_seconds": time.perf_counter() - t0, "final_loss": sum(tail) / len(tail)}
+        return TensorData(clips, {"labels": labels, "control": control})
 
-    teacher, info, _ = cached_module("video-control-teacher", spec, model, train)
-    return teacher.eval().requires_grad_(False), info
+    return train_cached("video-control-teacher", spec, model, data, cfg,
+                        null_labels_keep_control, progress)  # fmt: skip
 
 
 __all__ = [

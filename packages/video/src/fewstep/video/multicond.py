@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -141,28 +140,14 @@ def load_two_condition_teacher(
     cfg: TwoConditionTeacherConfig, progress: bool = True
 ) -> tuple[ModuleDenoiser, dict]:
     """(frozen two-condition teacher, info); fine-tuned from the class teacher and cached."""
-    from fewstep.core.cache import cached_module
-    from fewstep.core.pretrain import train_denoiser
     from fewstep.core.training import TensorData
-    from fewstep.video.teacher import load_teacher
+    from fewstep.video.teacher import load_teacher, train_cached
 
     base, _ = load_teacher(cfg.base, progress=progress)
     spec = {**dataclasses.asdict(cfg), "model": "video-dit-2cond-v1"}
-
-    def train(model: ModuleDenoiser) -> dict:
-        clips, cond = load_two_condition_clips(cfg.base.data)
-        t0 = time.perf_counter()
-        ema, losses = train_denoiser(
-            model, TensorData(clips, cond), steps=cfg.steps, batch_size=cfg.batch_size,
-            lr=cfg.lr, seed=cfg.seed, cond_dropout=cfg.cond_dropout, null_cond=null_pair,
-            progress=progress,
-        )  # fmt: skip
-        model.load_state_dict(ema.state_dict())
-        tail = losses[-50:]
-        return {"train_seconds": time.perf_counter() - t0, "final_loss": sum(tail) / len(tail)}
-
-    model, info, _ = cached_module("video-teacher-2cond", spec, two_condition_model(base), train)
-    return model.eval().requires_grad_(False), info
+    return train_cached("video-teacher-2cond", spec, two_condition_model(base),
+                        lambda: TensorData(*load_two_condition_clips(cfg.base.data)), cfg,
+                        null_pair, progress)  # fmt: skip
 
 
 __all__ = [

@@ -93,25 +93,34 @@ def build_teacher(cfg: VideoTeacherConfig) -> ModuleDenoiser:
     return ModuleDenoiser(VideoDiT(cfg.dit()), make_path("rectified_flow"), "velocity")
 
 
-def load_teacher(cfg: VideoTeacherConfig, progress: bool = True) -> tuple[ModuleDenoiser, dict]:
-    """(frozen teacher, info with train_seconds); trains and caches on first use."""
+def train_cached(kind: str, spec: dict, model: ModuleDenoiser, data, cfg, null_cond,
+                 progress: bool = True) -> tuple[ModuleDenoiser, dict]:  # fmt: skip
+    """(frozen model, info): ``model`` trained by core's ``train_denoiser`` on ``data()`` (a
+    ``TensorData``, built only when the cache misses) with ``cfg``'s steps, batch_size, lr,
+    seed and cond_dropout, its EMA weights cached under ``kind`` and ``spec``."""
     from fewstep.core.cache import cached_module
     from fewstep.core.pretrain import train_denoiser
-    from fewstep.core.training import TensorData
 
-    spec = {**dataclasses.asdict(cfg), "model": "video-dit-v2"}  # v2: time embedded once
-
-    def train(model: ModuleDenoiser) -> dict:
-        clips, labels = load_clips(cfg.data)
+    def train(m: ModuleDenoiser) -> dict:
+        examples = data()
         t0 = time.perf_counter()
         ema, losses = train_denoiser(
-            model, TensorData(clips, labels), steps=cfg.steps, batch_size=cfg.batch_size,
-            lr=cfg.lr, seed=cfg.seed, cond_dropout=cfg.cond_dropout, null_cond=null_labels,
-            progress=progress,
+            m, examples, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
+            cond_dropout=cfg.cond_dropout, null_cond=null_cond, progress=progress,
         )  # fmt: skip
-        model.load_state_dict(ema.state_dict())
+        m.load_state_dict(ema.state_dict())
         tail = losses[-50:]
         return {"train_seconds": time.perf_counter() - t0, "final_loss": sum(tail) / len(tail)}
 
-    teacher, info, _ = cached_module("video-teacher", spec, build_teacher(cfg), train)
-    return teacher.eval().requires_grad_(False), info
+    model, info, _ = cached_module(kind, spec, model, train)
+    return model.eval().requires_grad_(False), info
+
+
+def load_teacher(cfg: VideoTeacherConfig, progress: bool = True) -> tuple[ModuleDenoiser, dict]:
+    """(frozen teacher, info with train_seconds); trains and caches on first use."""
+    from fewstep.core.training import TensorData
+
+    spec = {**dataclasses.asdict(cfg), "model": "video-dit-v2"}  # v2: time embedded once
+    return train_cached("video-teacher", spec, build_teacher(cfg),
+                        lambda: TensorData(*load_clips(cfg.data)), cfg, null_labels,
+                        progress)  # fmt: skip
