@@ -3,15 +3,21 @@ view accuracy, and the Gaussian renderer's speed (CPU; gsplat parity on CUDA).
 
     uv run --package fewstep-threed python benchmarks/threed.py [--sections pvd diversity renderer]
 
-pvd: toy voxel scene, 24 training / 8 held-out views at 32 px; a hash-grid teacher (500 steps
-from the ground-truth views) and the voxel scene itself as teachers; pairs hash -> MLP,
-hash -> TensoRF, voxel -> TensoRF. Each student (same seed) is trained by PVD (cached teacher:
-the point pool and ray colours are computed once and counted in PVD's time), by PVD with live
-teacher queries (the previous implementation, for the step-cost figure), and from the
-teacher's renders at the 24 training cameras (the baseline) at every learning-rate multiplier
-of ``--lr-mults`` (both the grid and network rates scaled; the best one is the fair baseline).
-The teacher renders given to the baseline are not counted in its time. Held-out PSNR is
-against the teacher's renders of the 8 unseen views, every ``--eval-every`` steps (evaluation
+pvd: a procedural scene (``--scene``: ``toy``, the voxel sphere + cube, default; ``clutter``,
+many small textured, view-dependent, mutually occluding primitives and thin rods, see
+``fewstep.threed.scenes``), ``--train-views`` training (24) / ``--test-views`` held-out (8)
+views at ``--size`` px (32); a hash-grid teacher (500 steps from the ground-truth views) and
+the scene itself as teachers (``scene``, alias ``voxel``); pairs hash -> MLP,
+hash -> TensoRF, voxel -> TensoRF by default. Both routes see the same training cameras:
+PVD draws its rays there (plus a quarter of its point pool uniform in the box), the baseline
+trains on the teacher's renders at them. Each student (same seed) is trained by PVD (cached
+teacher: the point pool and ray colours are computed once and counted in PVD's time), by PVD
+with live teacher queries (``--live``: the previous implementation, for the step-cost
+figure), and from the teacher's renders at the training cameras (the baseline) at every
+learning-rate multiplier of ``--lr-mults`` (both the grid and network rates scaled; the best
+one is the fair baseline), all for ``--pvd-steps`` steps of 256 rays x 32 samples. The
+teacher renders given to the baseline are not counted in its time. Held-out PSNR is against
+the teacher's renders of the unseen views, every ``--eval-every`` steps (evaluation
 excluded from time). Target = the lower of the best PSNR reached by PVD and by the best
 baseline, so both reach it; the speed-up is baseline CPU seconds / PVD CPU seconds to it.
 
@@ -51,7 +57,7 @@ def _time_to(log: dict, target: float) -> tuple[float | None, int | None]:
 
 def section_pvd(args) -> dict:
     from fewstep.threed.cameras import orbit_cameras
-    from fewstep.threed.fields import make_field, toy_voxel_scene
+    from fewstep.threed.fields import make_field
     from fewstep.threed.pvd import (
         PVDConfig,
         PVDStage,
@@ -60,15 +66,24 @@ def section_pvd(args) -> dict:
         evaluate_views,
         train_from_images,
     )
+    from fewstep.threed.scenes import make_scene
     from fewstep.threed.volume import VolumeRenderConfig, render_field
 
     g = torch.Generator().manual_seed(1)
-    train = orbit_cameras(24, 3.0, (-10.0, 50.0), size=32, random=True, generator=g)
-    test = orbit_cameras(8, 3.0, 25.0, size=32, azimuth_start=22.5)
+    size = args.size
+    train = orbit_cameras(args.train_views, 3.0, (-10.0, 50.0), size=size, random=True, generator=g)
+    test = orbit_cameras(args.test_views, 3.0, 25.0, size=size, azimuth_start=22.5)
+    # The hash teacher is fitted to ground-truth renders at the training cameras, or with
+    # --teacher-views at its own (denser) cameras, as a teacher trained on a full capture.
+    t_views = args.teacher_views or args.train_views
+    t_cams = train
+    if args.teacher_views:
+        g_t = torch.Generator().manual_seed(2)
+        t_cams = orbit_cameras(t_views, 3.0, (-10.0, 50.0), size=size, random=True, generator=g_t)
     render = VolumeRenderConfig(n_samples=64)
-    scene = toy_voxel_scene()
+    scene = make_scene(args.scene)
     with torch.no_grad():
-        gt_train = render_field(scene, train, render)["image"]
+        gt_teacher = render_field(scene, t_cams, render)["image"]
         gt_test = render_field(scene, test, render)["image"]
     s = args.pvd_steps
     n1, n2 = s // 10, s // 2
@@ -77,15 +92,16 @@ def section_pvd(args) -> dict:
         PVDStage("point", n2, {"feature": 1.0, "sigma": 1.0, "color": 1.0}),
         PVDStage("render", s - n1 - n2, {"rgb": 1.0, "sigma": 0.1, "color": 0.1}),
     )
-    base = dict(eval_every=args.eval_every, rays_per_step=256)
+    base = dict(eval_every=args.eval_every, rays_per_step=256, eval_samples=64)
     cfg = PVDConfig(stages=stages, **base)
     live = PVDConfig(stages=stages, teacher_cache_points=0, **base)
-    teachers, tinfo = {"voxel": scene}, {}
+    # "scene": the procedural scene itself as the teacher ("voxel" kept for the toy scene).
+    teachers, tinfo = {"scene": scene, "voxel": scene}, {}
     if any(p.startswith("hashgrid:") for p in args.pairs):
         torch.manual_seed(0)
         teachers["hashgrid"] = make_field("hashgrid")
         tlog = train_from_images(
-            teachers["hashgrid"], gt_train, train, cfg, steps=args.teacher_steps
+            teachers["hashgrid"], gt_teacher, t_cams, cfg, steps=args.teacher_steps
         )
         tinfo["hashgrid_train_cpu_s"] = tlog["cpu_time"][-1]
     rows, curves = [], {}
@@ -151,6 +167,11 @@ def section_pvd(args) -> dict:
     print(markdown_table(rows))
     return {
         "settings": {
+            "scene": args.scene,
+            "image_size": size,
+            "train_views": args.train_views,
+            "test_views": args.test_views,
+            "teacher_views": t_views,
             "steps": s,
             "stages": [(st.name, st.steps, st.losses) for st in stages],
             "rays_per_step": 256,
@@ -310,6 +331,11 @@ def main() -> None:
     )
     ap.add_argument("--live", action="store_true", help="also run PVD with live teacher queries")
     ap.add_argument("--teacher-steps", type=int, default=500)
+    ap.add_argument("--scene", default="toy", help="pvd: procedural scene (fewstep.threed.scenes)")
+    ap.add_argument("--train-views", type=int, default=24, help="pvd: views both routes train on")
+    ap.add_argument("--test-views", type=int, default=8, help="pvd: held-out views")
+    ap.add_argument("--teacher-views", type=int, default=0, help="pvd: hash teacher's (0: same)")
+    ap.add_argument("--size", type=int, default=32, help="pvd: image size (pixels)")
     ap.add_argument("--eval-every", type=int, default=30)
     ap.add_argument("--lr-mults", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     ap.add_argument("--digits", type=int, nargs="+", default=[1, 7])

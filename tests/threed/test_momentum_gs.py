@@ -179,3 +179,50 @@ def test_merged_gaussians_render(tiny_run):
     assert torch.isfinite(out["image"]).all()
     assert image_psnr(out["image"], img) > init
     assert (torch.stack([b.contains(g.means) for b in model.blocks]).sum(0) >= 1).all()
+
+
+def test_single_block_baseline_is_allowed():
+    assert worker_blocks(1, 1) == [[0]]
+    assert active_blocks(3, [[0]]) == [0]
+    with pytest.raises(ValueError, match="more blocks than workers"):
+        worker_blocks(1, 2)
+
+
+def _tiny_data(blocks, size=12):
+    scene = toy_block_scene(resolution=20)
+    rc = VolumeRenderConfig(n_samples=24)
+    data = []
+    with torch.no_grad():
+        for b in blocks:
+            tr, te = block_cameras(b, 2, size=size), block_cameras(b, 1, size=size, seed=1)
+            data.append(
+                BlockData(
+                    tr,
+                    render_field(scene, tr, rc)["image"],
+                    te,
+                    render_field(scene, te, rc)["image"],
+                )
+            )
+    return scene, data
+
+
+def test_block_weighting_switch(monkeypatch):
+    """With every block weight forced to 5, the first weighted iteration's loss is 5x the
+    unweighted run's (identical until then); ``block_weighting=False`` ignores the weights."""
+    import fewstep.threed.momentum_gs as mgs
+
+    monkeypatch.setattr(mgs, "block_weights", lambda p, s, sigma: torch.full_like(p, 5.0))
+    losses = {}
+    for on in (True, False):
+        cfg = MomentumGSConfig(
+            blocks=(2, 1), workers=1, steps=3, block_interval=1, eval_every=2, weight_warmup=2,
+            anchor_voxel=0.5, feat_dim=4, n_offsets=2, hidden=8, block_weighting=on,
+        )  # fmt: skip
+        blocks = partition_blocks(TOY_AABB, cfg.blocks, cfg.overlap)
+        scene, data = _tiny_data(blocks)
+        pts, _ = scene_points(scene, cfg.anchor_voxel)
+        torch.manual_seed(0)
+        model = MomentumGS.from_points(pts, blocks, cfg)
+        losses[on] = train_momentum_gs(model, data, cfg)["loss"]
+    assert losses[True][:2] == pytest.approx(losses[False][:2])
+    assert losses[True][2] == pytest.approx(5.0 * losses[False][2], rel=1e-5)

@@ -97,5 +97,5 @@ def test_pvd_scene_from_transforms_json(tmp_path):
         test.camera_to_world, cams.camera_to_world[[0, 3]], atol=1e-5, rtol=0
     )
     assert spec["frames"] == 6
-    with pytest.raises(FileNotFoundError, match="neither 'toy'"):
+    with pytest.raises(FileNotFoundError, match="neither a procedural scene"):
         load_scene(SceneConfig(scene=str(tmp_path / "nope")))

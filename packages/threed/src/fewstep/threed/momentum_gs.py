@@ -56,7 +56,7 @@ class MomentumGSConfig:
     """Momentum-GS training (paper defaults in comments; sizes cut for CPU)."""
 
     blocks: tuple[int, int] = (2, 2)  # block grid along x and y (paper: 2 x 4 = 8 blocks)
-    workers: int = 2  # W slots (GPUs); must be below the number of blocks
+    workers: int = 2  # W slots (GPUs); below the number of blocks (or 1 with 1 block)
     overlap: float = 0.15  # margin (world units) each block's anchor box extends past its cell
     anchor_voxel: float = 0.2  # voxel size that thins the initial points into anchors
     feat_dim: int = 16  # anchor feature size (Scaffold-GS / paper: 32)
@@ -70,6 +70,7 @@ class MomentumGSConfig:
     scaling_reg: float = 0.01  # weight of mean Gaussian volume (paper: 0.01)
     weight_sigma: float = 10.0  # sigma of the block weighting (paper's adaptive_sigma)
     weight_warmup: int = 50  # iterations with every block weight 1 (paper: 1000)
+    block_weighting: bool = True  # reconstruction-guided block weights (False: all 1, ablation)
     eval_every: int = 25  # iterations between block PSNR/SSIM evaluations for the weights
     lr_feature: float = 0.0075  # anchor features (paper)
     lr_offset: float = 0.01  # anchor offsets (paper offset_lr_init)
@@ -326,8 +327,10 @@ def block_weights(psnr: Tensor, ssim: Tensor, sigma: float) -> Tensor:
 
 
 def worker_blocks(n_blocks: int, n_workers: int) -> list[list[int]]:
-    """Round-robin ownership: worker w owns blocks w, w + W, w + 2W, ... (needs W < B)."""
-    if not 1 <= n_workers < n_blocks:
+    """Round-robin ownership: worker w owns blocks w, w + W, w + 2W, ... (needs W < B). The
+    one exception is one block on one worker, plain (non-block) Scaffold-GS training, which
+    the benchmark uses as the single-block baseline."""
+    if not (1 <= n_workers < n_blocks or n_workers == n_blocks == 1):
         raise ValueError(
             f"Momentum-GS trains more blocks than workers: need 1 <= workers < blocks, got "
             f"{n_workers} workers for {n_blocks} blocks"
@@ -521,7 +524,7 @@ def train_momentum_gs(model: MomentumGS, data: list[BlockData], cfg: MomentumGSC
         total, photo, cons = 0.0, 0.0, 0.0
         for b in active:  # one slot (GPU) each; sequential here
             loss, parts = _block_loss(model, b, data[b], cfg, g)
-            w = weights[b] if it >= cfg.weight_warmup else 1.0
+            w = weights[b] if cfg.block_weighting and it >= cfg.weight_warmup else 1.0
             total = total + w * loss
             photo += parts["photo"] / len(active)
             cons += parts["consistency"] / len(active)

@@ -2,13 +2,13 @@
 
 - ``threed-pvd``: a teacher field of one type (trained on posed views of a scene, cached by
   config hash) is distilled into a student of another type by PVD (``fewstep.threed.pvd``).
-  Scenes: ``toy`` (the procedural voxel scene, rendered from orbit cameras) or a nerfstudio
-  ``transforms.json`` (every ``test_every``-th frame held out). The run folder gets
-  ``student.safetensors`` + ``student.json`` (field type and config), ``metrics.json`` (held-out
-  PSNR of the student against the teacher's renders and the ground truth, the teacher's,
-  an untrained student's and a constant colour's, training seconds; with ``--baseline true``
-  the same student trained from the teacher's images for comparison), ``turntable.png``,
-  ``psnr.png`` and ``report.html``.
+  Scenes: ``toy`` / ``clutter`` (procedural, ``fewstep.threed.scenes``, rendered from orbit
+  cameras) or a nerfstudio ``transforms.json`` (every ``test_every``-th frame held out). The
+  run folder gets ``student.safetensors`` + ``student.json`` (field type and config),
+  ``metrics.json`` (held-out PSNR of the student against the teacher's renders and the ground
+  truth, the teacher's, an untrained student's and a constant colour's, training seconds; with
+  ``--baseline true`` the same student trained from the teacher's images for comparison),
+  ``turntable.png``, ``psnr.png`` and ``report.html``.
 - ``threed-momentum-gs``: Momentum-GS (``fewstep.threed.momentum_gs``) on the toy block scene;
   the run folder gets ``gaussians.ply`` (merged blocks, 3DGS layout), ``student.safetensors``
   (anchors, decoder, momentum decoder), ``metrics.json`` (held-out PSNR of the merged model,
@@ -38,10 +38,10 @@ STUDENT_FILE = "student.safetensors"
 
 @dataclass
 class SceneConfig:
-    scene: str = "toy"  # "toy" (procedural voxel scene) or a transforms.json file / folder
-    views: int = 24  # toy: training views (random orbit)
-    test_views: int = 8  # toy: held-out views (turntable at another elevation)
-    size: int = 32  # toy: image size in pixels
+    scene: str = "toy"  # procedural ("toy", "clutter": threed.scenes) or a transforms.json
+    views: int = 24  # procedural: training views (random orbit)
+    test_views: int = 8  # procedural: held-out views (turntable at another elevation)
+    size: int = 32  # procedural: image size in pixels
     test_every: int = 8  # transforms.json: every n-th frame is held out
     aabb: tuple[float, ...] = DEFAULT_AABB  # scene box of teacher and student fields
     background: str = "white"  # white or black: composited background
@@ -95,15 +95,14 @@ def _pvd_config(cfg: PVDRecipeConfig):
 def load_scene(sc: SceneConfig):
     """(train cameras, train images, test cameras, test images, scene spec for the cache)."""
     from fewstep.threed.cameras import orbit_cameras
+    from fewstep.threed.scenes import SCENES, make_scene
     from fewstep.threed.volume import VolumeRenderConfig, render_field
 
-    if sc.scene == "toy":
-        from fewstep.threed.fields import toy_voxel_scene
-
+    if sc.scene in SCENES:
         g = torch.Generator().manual_seed(1)
         train = orbit_cameras(sc.views, 3.0, (-10.0, 50.0), size=sc.size, random=True, generator=g)
         test = orbit_cameras(sc.test_views, 3.0, 25.0, size=sc.size, azimuth_start=22.5)
-        gt = toy_voxel_scene()
+        gt = make_scene(sc.scene)
         rc = VolumeRenderConfig(n_samples=64, background=sc.background)
         with torch.no_grad():
             tr_img = render_field(gt, train, rc)["image"]
@@ -115,7 +114,8 @@ def load_scene(sc: SceneConfig):
     path = Path(sc.scene)
     if not path.exists():
         raise FileNotFoundError(
-            f"scene {sc.scene!r} is neither 'toy' nor an existing transforms.json file/folder"
+            f"scene {sc.scene!r} is neither a procedural scene {sorted(SCENES)} nor an "
+            "existing transforms.json file/folder"
         )
     ds = read_transforms(path, background=BACKGROUNDS.get(sc.background))
     n = len(ds)
