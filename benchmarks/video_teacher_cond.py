@@ -22,7 +22,7 @@ from fewstep.video.teacher import VideoTeacherConfig, load_clips, load_teacher, 
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     cfg = VideoTeacherConfig()
     teacher, _ = load_teacher(cfg, progress=False)
     clips, labels = load_clips(cfg.data)

@@ -30,7 +30,7 @@ from torch import Tensor
 from fewstep.core.batch import index_cond
 from fewstep.core.training import TrainConfig
 from fewstep.video.evaluate import ClassifierConfig
-from fewstep.video.recipes.common import resolve_device, tile_videos
+from fewstep.video.recipes.common import merge_metrics, resolve_device, tile_videos
 from fewstep.video.self_forcing import SelfForcingConfig
 from fewstep.video.teacher import VideoTeacherConfig
 
@@ -322,7 +322,8 @@ class SelfForcingRecipe:
     def evaluate(self, run_dir: Path) -> dict:
         cfg, _, real, student = self.load(run_dir)
         clips, cond, labels = self.load_data(cfg)
-        return self._evaluate(cfg, real, student, clips, cond, labels, Path(run_dir))
+        return merge_metrics(run_dir, self._evaluate(cfg, real, student, clips, cond, labels,
+                                                     Path(run_dir)))  # fmt: skip
 
     def report(self, run_dir: Path) -> Path:
         from fewstep.core.report import Report
