@@ -112,3 +112,63 @@ def test_same_seed_same_weights():
         assert torch.equal(pa, pb)
     assert isinstance(a, BackboneDenoiser)
     assert math.isfinite(sum(p.sum().item() for p in a.parameters()))
+
+
+FULL = BackboneTransformerConfig(
+    dim=16, pair_dim=8, heads=2, layers=2, cond_dim=16, rbf_bins=8, pair_values=True,
+    coord_head=True,
+)  # fmt: skip
+
+
+def test_pair_values_average_the_pair_rep_with_the_attention_weights():
+    """With q = k = 0 the attention is uniform, so the pair term is the mean over j of z_ij;
+    with it, the output also depends on the pair rep through the values, not only the bias."""
+    from fewstep.protein.model import PairBiasAttention
+
+    torch.manual_seed(0)
+    att = PairBiasAttention(8, 2, pair_dim=4)
+    with torch.no_grad():
+        att.qkv.weight[:16].zero_()  # q and k rows
+        att.qkv.bias[:16].zero_()
+    x, pair = torch.randn(1, 5, 8), torch.randn(1, 5, 5, 4)
+    bias = torch.zeros(1, 2, 5, 5)
+    y = att(x, bias, None, pair)
+    v = att.qkv(x)[..., 16:].mean(1, keepdim=True)  # uniform average of the values
+    expected = att.out(v) + att.pair_out(pair.mean(2).repeat(1, 1, 2))
+    torch.testing.assert_close(y, expected.expand_as(y), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(att(x, bias, None, pair + 1.0), y)
+
+
+def test_coord_head_is_rotation_equivariant_and_starts_off():
+    """For fixed tokens and an invariant pair rep, rotating x rotates the head's output (EGNN
+    eq. 4 moves residues along x_i - x_j only); zero at initialisation."""
+    from fewstep.protein.model import CoordHead
+
+    torch.manual_seed(0)
+    head = CoordHead(FULL)
+    x, h, pair = torch.randn(2, 7, 3), torch.randn(2, 7, 16), torch.randn(2, 7, 7, 8)
+    assert head(x, h, pair, None).abs().max() == 0
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    rot = random_rotations(torch.tensor([[0.3, 0.8, -0.2, 0.5]]))[0]
+    out = head(x, h, pair, None)
+    assert out.abs().max() > 1e-3
+    torch.testing.assert_close(head(x @ rot.T, h, pair, None), out @ rot.T, atol=1e-5, rtol=1e-4)
+    # two residues: the term lies along their difference
+    two = head(x[:1, :2], h[:1, :2], pair[:1, :2, :2], None)[0, 0]
+    d = x[0, 0] - x[0, 1]
+    torch.testing.assert_close(torch.linalg.cross(two, d), torch.zeros(3), atol=1e-5, rtol=0)
+
+
+def test_full_net_masking_and_centring_with_pair_values_and_coord_head():
+    d = build_denoiser(FULL)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, t = torch.randn(1, 8, 3), torch.tensor([0.4])
+    mask = torch.tensor([[True] * 6 + [False] * 2])
+    padded = x.clone()
+    padded[:, 6:] = 100.0
+    torch.testing.assert_close(d(padded, t, mask)[:, :6], d(x[:, :6], t), atol=1e-5, rtol=1e-4)
+    assert d.predict(x, t, kind="x0").mean(1).abs().max() < 1e-5

@@ -106,6 +106,8 @@ class BackboneTransformerConfig:
     max_rel_sep: int = 32  # relative sequence separation is clipped to +- this
     pair_update: bool = False  # outer-sum + transition pair update per layer (slower on CPU)
     transition_factor: int = 2  # hidden width multiplier of the token transitions
+    pair_values: bool = False  # attention also averages the pair rep into tokens (AF2 IPA)
+    coord_head: bool = False  # add an EGNN-style equivariant velocity term along x_i - x_j
 
 
 def sinusoidal(x: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
@@ -150,22 +152,35 @@ class OutputScale(nn.Module):
 class PairBiasAttention(nn.Module):
     """Multi-head self-attention whose logits get a per-head bias from the pair rep."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, pair_dim: int = 0):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
+        # pair_dim > 0: each head also returns sum_j a_ij z_ij, the attention-weighted pair
+        # rep (AF2's IPA output term, Jumper et al. 2021, Alg. 22 l. 10), so the tokens get the
+        # exact neighbour distances the pair rep holds, not only attention logits from them
+        self.pair_out = nn.Linear(heads * pair_dim, dim) if pair_dim else None
 
-    def forward(self, x: Tensor, bias: Tensor, mask: Tensor | None) -> Tensor:
-        """x: (B, L, dim); bias: (B, H, L, L) added to the logits; mask: (B, L) or None."""
+    def forward(
+        self, x: Tensor, bias: Tensor, mask: Tensor | None, pair: Tensor | None = None
+    ) -> Tensor:
+        """x: (B, L, dim); bias: (B, H, L, L) added to the logits; mask: (B, L) or None;
+        pair: (B, L, L, pair_dim), used when built with pair_dim > 0."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         if mask is not None:
             bias = bias.masked_fill(~mask[:, None, None, :], float("-inf"))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.out(y.transpose(1, 2).reshape(b, n, d))
+        if self.pair_out is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            return self.out(y.transpose(1, 2).reshape(b, n, d))
+        if pair is None:
+            raise ValueError("this attention averages the pair rep: pass pair")
+        a = (q @ k.transpose(-1, -2) / math.sqrt(d // self.heads) + bias).softmax(-1)
+        y = self.out((a @ v).transpose(1, 2).reshape(b, n, d))
+        return y + self.pair_out(torch.einsum("bhij,bijp->bihp", a, pair).flatten(2))
 
 
 class Layer(nn.Module):
@@ -177,7 +192,7 @@ class Layer(nn.Module):
         d, c, p = cfg.dim, cfg.cond_dim, cfg.pair_dim
         self.ln_attn, self.attn, self.gate_attn = (
             AdaLN(d, c),
-            PairBiasAttention(d, cfg.heads),
+            PairBiasAttention(d, cfg.heads, p if cfg.pair_values else 0),
             OutputScale(d, c),
         )
         self.heads = cfg.heads
@@ -197,13 +212,40 @@ class Layer(nn.Module):
         """bias: this layer's (B, H, L, L) logit bias, or None to derive it from ``pair``."""
         if bias is None:
             bias = self.to_bias(pair).permute(0, 3, 1, 2)
-        x = x + self.gate_attn(self.attn(self.ln_attn(x, c), bias, mask), c)
+        x = x + self.gate_attn(self.attn(self.ln_attn(x, c), bias, mask, pair), c)
         x = x + self.gate_tr(self.tr(self.ln_tr(x, c)), c)
         if self.pair_update:
             a, b = self.to_pair(x).chunk(2, dim=-1)
             pair = pair + a[:, :, None] + b[:, None, :]
             pair = pair + self.pair_tr(pair)
         return x, pair
+
+
+class CoordHead(nn.Module):
+    """An equivariant velocity term v_i = sum_j (x_i - x_j) / (|x_i - x_j| + 0.01) phi_ij, the
+    coordinate update of EGNN (Satorras et al. 2021, eq. 4) with unit vectors, phi_ij from the
+    final pair rep (distances of x_t, sequence separation) and both residues' tokens.
+    Why: a small transformer that sees coordinates only through token projections places
+    sequence neighbours poorly; this term moves residues along their pair directions by
+    amounts read from exact pair distances, so bond lengths are easy to restore. phi starts at
+    zero (the term is off at initialisation)."""
+
+    def __init__(self, cfg: BackboneTransformerConfig):
+        super().__init__()
+        p = cfg.pair_dim
+        self.tokens = nn.Linear(cfg.dim, 2 * p)
+        self.phi = nn.Sequential(nn.LayerNorm(p), nn.Linear(p, p), nn.SiLU(), nn.Linear(p, 1))
+        nn.init.zeros_(self.phi[-1].weight)
+        nn.init.zeros_(self.phi[-1].bias)
+
+    def forward(self, x: Tensor, h: Tensor, pair: Tensor, mask: Tensor | None) -> Tensor:
+        a, b = self.tokens(h).chunk(2, dim=-1)
+        phi = self.phi(pair + a[:, :, None] + b[:, None, :]).squeeze(-1)  # (B, L, L)
+        if mask is not None:
+            phi = phi * mask[:, None, :].to(phi)
+        diff = x[:, :, None] - x[:, None, :]  # (B, L, L, 3), zero on the diagonal
+        unit = diff / (diff.norm(dim=-1, keepdim=True) + 0.01)
+        return (phi.unsqueeze(-1) * unit).sum(2)
 
 
 class BackboneTransformer(nn.Module):
@@ -230,6 +272,7 @@ class BackboneTransformer(nn.Module):
             self.to_biases = nn.Linear(cfg.pair_dim, cfg.layers * cfg.heads, bias=False)
         self.out_norm = AdaLN(cfg.dim, cfg.cond_dim)
         self.out = nn.Linear(cfg.dim, 3)
+        self.coord_head = CoordHead(cfg) if cfg.coord_head else None
 
     def pair_features(self, x: Tensor) -> Tensor:
         """(B, L, L, pair_dim): RBF of pairwise distances of x plus relative separation."""
@@ -254,7 +297,10 @@ class BackboneTransformer(nn.Module):
             biases = list(self.to_biases(pair).permute(0, 3, 1, 2).chunk(len(self.layers), 1))
         for layer, bias in zip(self.layers, biases, strict=True):
             h, pair = layer(h, pair, bias, c, mask)
-        out = self.out(self.out_norm(h, c))
+        h = self.out_norm(h, c)
+        out = self.out(h)
+        if self.coord_head is not None:
+            out = out + self.coord_head(x, h, pair, mask)
         return out if mask is None else out * mask.unsqueeze(-1).to(out)
 
 
