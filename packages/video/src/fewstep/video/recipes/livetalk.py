@@ -22,10 +22,10 @@ Evaluation adds control adherence (``control_adherence``: the per-video correlat
 the control and the digit's measured height, and the gap between their frame-to-frame
 changes) of the student and the teacher, each also with the controls shuffled across videos:
 the gap between right and shuffled controls is how much the model follows the signal. The
-evaluation conditions (label, control, first chunk) are real held-out clips' (the last
-``eval.samples`` clips of the data). Only the student is given the first chunk (the teacher
-samples the whole clip), and the student's first chunk is real, so adherence is measured on
-the frames after it.
+evaluation conditions (label, control, first chunk) are real clips' (the last
+``eval.samples`` clips of the training data: the conditions are real, the videos
+generated). Only the student is given the first chunk (the teacher samples the whole clip),
+and the student's first chunk is real, so adherence is measured on the frames after it.
 """
 
 from __future__ import annotations
@@ -102,9 +102,9 @@ class LiveTalkRecipe(SelfForcingRecipe):
         n = cfg.eval.samples
         if n > len(clips):
             raise ValueError(f"eval.samples {n} exceeds the {len(clips)} clips")
-        held = {k: v[-n:].to(device) for k, v in cond.items()}
+        real = {k: v[-n:].to(device) for k, v in cond.items()}
         first = clips[-n:, : cfg.chunk_frames].to(device)
-        return held, held["labels"], first
+        return real, real["labels"], first
 
     def long_condition(self, cfg, cond: Any, n: int, n_chunks: int) -> Any:
         """The first n controls extended past the training length by mirroring (continuous
