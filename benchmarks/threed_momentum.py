@@ -39,18 +39,11 @@ from report_io import machine, markdown_table, write_json
 
 
 def _data(blocks, scene, n_train: int, n_test: int, size: int, seed: int):
-    from fewstep.threed.momentum_gs import BlockData, block_cameras
-    from fewstep.threed.volume import VolumeRenderConfig, render_field
+    from fewstep.threed.momentum_gs import render_block_data
+    from fewstep.threed.volume import VolumeRenderConfig
 
     rc = VolumeRenderConfig(n_samples=64, background="white")
-    out = []
-    with torch.no_grad():
-        for b in blocks:
-            tr = block_cameras(b, n_train, size, seed=seed)
-            te = block_cameras(b, n_test, size, seed=seed + 1)
-            tr_img = render_field(scene, tr, rc)["image"]
-            out.append(BlockData(tr, tr_img, te, render_field(scene, te, rc)["image"]))
-    return out
+    return render_block_data(scene, blocks, n_train, n_test, size, rc, seed)
 
 
 def _union(data):

@@ -12,25 +12,24 @@ from fewstep.threed.gaussians import render_gaussians
 from fewstep.threed.momentum_gs import (
     TOY_AABB,
     BlockAnchors,
-    BlockData,
     GaussianDecoder,
     MomentumGS,
     MomentumGSConfig,
     active_blocks,
-    block_cameras,
     block_weights,
     consistency_loss,
     decode_gaussians,
     image_psnr,
     momentum_update_,
     partition_blocks,
+    render_block_data,
     scene_points,
     ssim,
     toy_block_scene,
     train_momentum_gs,
     worker_blocks,
 )
-from fewstep.threed.volume import VolumeRenderConfig, render_field
+from fewstep.threed.volume import VolumeRenderConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -125,18 +124,7 @@ def tiny_run():
     scene = toy_block_scene(resolution=24)
     blocks = partition_blocks(TOY_AABB, cfg.blocks, cfg.overlap)
     rc = VolumeRenderConfig(n_samples=32)
-    data = []
-    with torch.no_grad():
-        for b in blocks:
-            tr, te = block_cameras(b, 3, size=16), block_cameras(b, 1, size=16, seed=1)
-            data.append(
-                BlockData(
-                    tr,
-                    render_field(scene, tr, rc)["image"],
-                    te,
-                    render_field(scene, te, rc)["image"],
-                )
-            )
+    data = render_block_data(scene, blocks, 3, 1, 16, rc)
     pts, _ = scene_points(scene, cfg.anchor_voxel)
     torch.manual_seed(0)
     model = MomentumGS.from_points(pts, blocks, cfg)
@@ -191,19 +179,7 @@ def test_single_block_baseline_is_allowed():
 def _tiny_data(blocks, size=12):
     scene = toy_block_scene(resolution=20)
     rc = VolumeRenderConfig(n_samples=24)
-    data = []
-    with torch.no_grad():
-        for b in blocks:
-            tr, te = block_cameras(b, 2, size=size), block_cameras(b, 1, size=size, seed=1)
-            data.append(
-                BlockData(
-                    tr,
-                    render_field(scene, tr, rc)["image"],
-                    te,
-                    render_field(scene, te, rc)["image"],
-                )
-            )
-    return scene, data
+    return scene, render_block_data(scene, blocks, 2, 1, size, rc)
 
 
 def test_block_weighting_switch(monkeypatch):

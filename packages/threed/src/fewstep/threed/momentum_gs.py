@@ -387,6 +387,24 @@ class BlockData:
     test_images: Tensor  # (C', H, W, 3)
 
 
+@torch.no_grad()
+def render_block_data(
+    scene: nn.Module, blocks: list[Block], n_train: int, n_test: int, size: int,
+    render_config, seed: int = 0,
+) -> list[BlockData]:  # fmt: skip
+    """Each block's aerial training views (cameras drawn with ``seed``) and held-out views
+    (``seed + 1``) of a radiance-field ``scene``, rendered by the volume renderer."""
+    from fewstep.threed.volume import render_field
+
+    out = []
+    for b in blocks:
+        tr = block_cameras(b, n_train, size, seed=seed)
+        te = block_cameras(b, n_test, size, seed=seed + 1)
+        images = [render_field(scene, c, render_config)["image"] for c in (tr, te)]
+        out.append(BlockData(tr, images[0], te, images[1]))
+    return out
+
+
 class MomentumGS(nn.Module):
     """Blocks of anchors, the shared (student) decoder and its momentum teacher."""
 

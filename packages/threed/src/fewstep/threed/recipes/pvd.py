@@ -351,29 +351,17 @@ class MomentumGSRecipeConfig:
 def _block_data(cfg: MomentumGSRecipeConfig):
     from fewstep.threed.momentum_gs import (
         TOY_AABB,
-        BlockData,
-        block_cameras,
         partition_blocks,
+        render_block_data,
         toy_block_scene,
     )
-    from fewstep.threed.volume import VolumeRenderConfig, render_field
+    from fewstep.threed.volume import VolumeRenderConfig
 
     scene = toy_block_scene()
     blocks = partition_blocks(TOY_AABB, cfg.train.blocks, cfg.train.overlap)
     rc = VolumeRenderConfig(n_samples=64, background=tuple(cfg.train.background))
-    data = []
-    with torch.no_grad():
-        for b in blocks:
-            tr = block_cameras(b, cfg.train_views, cfg.size, seed=cfg.train.seed)
-            te = block_cameras(b, cfg.test_views, cfg.size, seed=cfg.train.seed + 1)
-            data.append(
-                BlockData(
-                    tr,
-                    render_field(scene, tr, rc)["image"],
-                    te,
-                    render_field(scene, te, rc)["image"],
-                )
-            )
+    data = render_block_data(scene, blocks, cfg.train_views, cfg.test_views, cfg.size, rc,
+                             cfg.train.seed)  # fmt: skip
     return scene, blocks, data
 
 
