@@ -6,12 +6,14 @@ under fewstep's video classifier (video FD, per-frame FD, digit accuracy, warp e
         [--set blade:train.steps=200 ...]
 
 Runs ``fewstep distill video-<method>`` with the recipe's defaults (plus ``--set`` overrides)
-for self-forcing, StreamDiT, MCM, BLADE, AccVideo and VDOT, and reads each run's
+for self-forcing, StreamDiT, MCM, BLADE, AccVideo, VDOT and LiveTalk, and reads each run's
 ``metrics.json`` into one table. Each recipe scores its own teacher (the default moving-digits
 teacher, MCM's low-quality teacher, VDOT's two-condition teacher) with the teacher's Euler
 sampler under CFG on the same labels and noise, so ratios are within a row pair. BLADE's
 attention density and FLOPs saved are printed under the table. Writes
-benchmarks/results/video.json.
+benchmarks/results/video.json after every method (a late failure keeps the finished rows);
+run folders go to ``--keep DIR`` if given, else to a temporary folder; ``--resume`` keeps
+the methods already in the output and runs the rest.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ METHODS: dict[str, tuple[str, Callable[[dict, dict], list[dict]]]] = {
     "blade": ("video-blade", flat_rows),
     "accvideo": ("video-accvideo", sampler_rows),
     "vdot": ("video-vdot", flat_rows),
+    "livetalk": ("video-livetalk", streaming_rows),  # self-forcing's metrics, control teacher
 }
 
 
@@ -117,6 +120,9 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     ap.add_argument("--set", action="append", default=[], help="METHOD:key=value override")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "video.json")
+    ap.add_argument("--keep", type=Path, default=None, help="keep run folders here")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the methods already in --out and run only the others")  # fmt: skip
     args = ap.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
@@ -125,10 +131,16 @@ def main() -> None:
     extra = overrides(args.set)
     start_machine, t0 = machine(), time.time()
     rows, runs = [], {}
+    if args.resume and args.out.exists():
+        done = json.loads(args.out.read_text())
+        rows, runs = done["rows"], done["runs"]
+        methods = [m for m in methods if m not in runs]
+    report: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
+        root = args.keep or Path(tmp)
         for name in methods:
             recipe, to_rows = METHODS[name]
-            m, cfg, wall = run(recipe, Path(tmp) / name, extra.get(name, []))
+            m, cfg, wall = run(recipe, root / name, extra.get(name, []))
             runs[name] = {"metrics": m, "overrides": extra.get(name, []), "wall_seconds": wall}
             pair = to_rows(m, cfg)
             teacher = pair[0]
@@ -137,9 +149,9 @@ def main() -> None:
                 r["speedup"] = teacher["seconds_per_video"] / r["seconds_per_video"]
                 rows.append({"method": name, **r})
             print(markdown_table(rows[-len(pair) :]), flush=True)
-    report = {"machine_at_start": start_machine, "machine": machine(), "rows": rows,
-              "runs": runs, "seconds": time.time() - t0}  # fmt: skip
-    write_json(args.out, report)
+            report = {"machine_at_start": start_machine, "machine": machine(), "rows": rows,
+                      "runs": runs, "seconds": time.time() - t0}  # fmt: skip
+            write_json(args.out, report)
     print()
     print(markdown_table(rows))
     if "blade" in runs:

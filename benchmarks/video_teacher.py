@@ -6,7 +6,8 @@ video classifier).
     uv run --package fewstep-video python benchmarks/video_teacher.py NAME [key=value ...]
 
 keys: videos (1000), maxd (most digits, 2), spin (8.0), bg (noise,stripes,gradient),
-patch (2,4,4), dim (96), depth (4), attn (full), ts (DiT time_scale; 1000 reproduces the
+dsize (digit sprite side; 0: half the frame), patch (2,4,4), dim (96), depth (4), attn (full),
+n (samples, 40), ts (DiT time_scale; 1000 reproduces the
 double-scaled time embedding fixed in session 8), steps (1000), bs (32), lr (5e-4),
 ema (0.999). One JSON line per run is appended to benchmarks/results/video_teacher.jsonl.
 """
@@ -48,6 +49,7 @@ def main() -> None:
         digits=(1, option(kw, "maxd", 2)),
         max_spin=option(kw, "spin", 8.0),
         backgrounds=tuple(kw.get("bg", "noise,stripes,gradient").split(",")),
+        digit_size=option(kw, "dsize", 0) or None,
     )
     md = moving_digits_array(option(kw, "videos", 1000), FRAMES, SIZE, 0, config=mdc)
     clips = md.as_tensor()
@@ -83,7 +85,7 @@ def main() -> None:
             x0h = ema.path.to_x0_eps(ema(xt, tt, lab), ema.prediction, xt, tt)[0]
             res[f"x0_mse_t{t}"] = (x0h - x0).pow(2).mean().item()
             res[f"mean_mse_t{t}"] = (x0.mean(0, keepdim=True) - x0).pow(2).mean().item()
-        n = 40
+        n = option(kw, "n", 40)
         lab = torch.arange(n) % 10
         for scale in (1.0, 3.0):
             den = ema if scale == 1.0 else GuidedDenoiser(ema, scale, null)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from fewstep.core.samplers import EulerSampler
-from fewstep.video.moving_digits import MovingDigitsConfig, moving_digits_array
+from fewstep.video.moving_digits import moving_digits_array
 from fewstep.video.teacher import (
     VideoDataConfig,
     VideoTeacherConfig,
@@ -25,8 +25,9 @@ def test_clips_come_from_the_files_and_keep_their_labels(tmp_path):
     clips, labels = load_clips(TINY.data, tmp_path)
     assert clips.shape == (12, 4, 3, 16, 16) and clips.min() >= -1 and clips.max() <= 1
     assert len(list(tmp_path.glob("*.mp4"))) == 12
-    ref = moving_digits_array(12, 4, 16, seed=0, config=MovingDigitsConfig(digits=(1, 1)))
+    ref = moving_digits_array(12, 4, 16, seed=0, config=TINY.data.recipe())
     assert all(len(v["digits"]) == 1 for v in ref.videos)  # the default: one digit per clip
+    assert TINY.data.recipe().validate(16) == 12  # the default: 12-pixel digits
     assert labels.tolist() == [v["digits"][0]["label"] for v in ref.videos]
     # the decoded files are close to the rendered frames (H.264 at CRF 18)
     err = (clips - ref.as_tensor()).abs().mean()

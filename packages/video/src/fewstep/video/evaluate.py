@@ -52,8 +52,11 @@ class ClassifierConfig:
     batch_size: int = 64  # clips per step
     lr: float = 2e-3  # AdamW learning rate
     train_seed: int = 0  # initialisation and batch order
-    max_digits: int = 2  # digits per clip drawn from 1..max_digits (the teacher data: 2)
-    max_spin: float = 8.0  # digit spin, degrees per frame (the teacher data: 8)
+    # the clip recipe of the teacher's data (``VideoDataConfig``): a classifier trained on
+    # 8-pixel digits reads only a third of 12-pixel real clips (session 11)
+    max_digits: int = 1  # digits per clip drawn from 1..max_digits
+    max_spin: float = 0.0  # digit spin, degrees per frame
+    digit_size: int = 12  # digit sprite side in pixels (0: half the frame)
 
 
 def direction_bin(velocity: tuple[float, float] | list[float]) -> int:
@@ -65,14 +68,18 @@ def direction_bin(velocity: tuple[float, float] | list[float]) -> int:
 
 
 def labelled_clips(
-    n: int, frames: int, size: int, seed: int, max_digits: int = 2, max_spin: float = 8.0
-) -> tuple[Tensor, Tensor, Tensor]:
+    n: int, frames: int, size: int, seed: int, max_digits: int = 2, max_spin: float = 8.0,
+    digit_size: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(clips (N, T, 3, H, W) in [-1, 1], digit multi-hot (N, 10), direction multi-hot
     (N, DIRECTION_BINS)) from the moving-digits recipe's metadata (1..``max_digits`` digits
-    spinning up to ``max_spin`` degrees per frame; the rest of the recipe as the teacher's)."""
+    of ``digit_size`` pixels (0: half the frame) spinning up to ``max_spin`` degrees per
+    frame; the rest of the recipe as the teacher's)."""
     from fewstep.video.moving_digits import MovingDigitsConfig, moving_digits_array
 
-    config = MovingDigitsConfig(digits=(1, max_digits), max_spin=max_spin)
+    config = MovingDigitsConfig(
+        digits=(1, max_digits), max_spin=max_spin, digit_size=digit_size or None
+    )
     md = moving_digits_array(n, frames, size, seed, config=config)
     digits = torch.zeros(n, NUM_DIGITS)
     dirs = torch.zeros(n, DIRECTION_BINS)
@@ -151,7 +158,7 @@ def train_classifier(
     torch.manual_seed(cfg.train_seed)
     model = model or VideoClassifier(cfg.width, cfg.features)
     clips, digits, dirs = labelled_clips(
-        cfg.videos, cfg.frames, cfg.size, cfg.seed, cfg.max_digits, cfg.max_spin
+        cfg.videos, cfg.frames, cfg.size, cfg.seed, cfg.max_digits, cfg.max_spin, cfg.digit_size
     )
     n_val = max(cfg.videos // 10, 2)
     tr, va = slice(n_val, None), slice(0, n_val)
