@@ -168,3 +168,21 @@ def test_training_and_inference_samplers():
     infer = SID.eval_sampler(cfg, paper_times(4))
     assert infer.noise_scale == 0.45
     assert SID.eval_sampler(cfg, paper_times(1)).noise_scale == 1.0  # paper: one step plain
+
+
+def test_fake_score_times_are_clamped_like_the_paper():
+    """The fake score trains on Proteina's time density clamped to [0.02, 0.98] (paper:
+    ``SID_ProteinaLoss.__call__`` with tmin 0.02, tmax 0.98); the teacher keeps its own."""
+    from fewstep.core.models import trainable_copy
+
+    _, objective, teacher = _objective()
+    roles = objective.build_roles(trainable_copy(teacher), _batch())
+    u = torch.linspace(0, 1, 10_001)
+    t_fake = roles["fake_score"].path.sample_t(len(u), u)
+    assert t_fake.min() == pytest.approx(0.02) and t_fake.max() == pytest.approx(0.98)
+    inside = (t_fake > 0.02) & (t_fake < 0.98)
+    torch.testing.assert_close(t_fake[inside], teacher.path.sample_t(len(u), u)[inside])
+    assert teacher.path.sample_t(len(u), u).min() < 0.02  # the teacher's path is untouched
+    with pytest.raises(ValueError, match="fake_t_range"):
+        cfg = SiDProteinConfig(teacher=TeacherConfig(length=10, model=NET), fake_t_range=(0.5, 0.1))
+        SID.build_objective(cfg, objective.config, teacher)

@@ -81,6 +81,7 @@ class ProteinaFlow(RectifiedFlow):
     p_uniform: float = 0.02  # share of uniform times
     beta_a: float = 1.9  # Beta(a, 1) shape for t_P = 1 - t
     t_floor: float = 1e-3  # smallest training time (Proteina's 1e-5 in 1 / (t^2 + 1e-5))
+    t_ceil: float = 1.0  # largest training time (SiD's fake score: 0.98, see recipes.sid)
 
     def sample_t(self, n, u):
         u = torch.as_tensor(u, dtype=torch.float32)
@@ -88,7 +89,7 @@ class ProteinaFlow(RectifiedFlow):
         v = ((u - self.p_uniform) / (1.0 - self.p_uniform)).clamp(0.0, 1.0)
         beta = 1.0 - v.pow(1.0 / self.beta_a)  # t = 1 - t_P, t_P = v^(1/a) ~ Beta(a, 1)
         t = torch.where(u < self.p_uniform, uniform, beta)
-        return t.clamp(self.t_floor, 1.0)
+        return t.clamp(self.t_floor, self.t_ceil)
 
 
 # ------------------------------------------------------------------------------- network
