@@ -8,6 +8,8 @@ import os
 
 import pytest
 
+from fewstep.lidar.recipes.dpo import STUDENT_TIMES
+
 # a tiny street, 2 x 2 scans, 16 partial / 32 dense points, an 8-wide network, 3 steps
 _TINY = (
     "--teacher.n-sequences 2",
@@ -72,6 +74,8 @@ def _check_run(out, objective):
     for k in ("chamfer", "fscore@0.1", "iou@0.5", "bev_jsd", "emd", "seconds_per_scan"):
         assert k in m["student"] and k in m["teacher"]
     assert m["student"]["nfe"] == 4 and m["teacher"]["nfe"] == 3
+    # the student samples at the recipe's tuned times, not core's uniform ones
+    assert m["student_times"] == pytest.approx(list(STUDENT_TIMES))
     assert (out / "student.safetensors").is_file() and (out / "report.html").is_file()
     for name in ("student", "teacher", "partial", "gt"):
         pcd = _read(out / "scans" / f"000_{name}.ply")
@@ -112,3 +116,6 @@ def test_unsupported_objective_and_reward_are_clear_errors(cache, tmp_path, caps
     assert "does not support objective 'consistency'" in capsys.readouterr().err
     assert _distill(tmp_path / "y", "--reward", "hausdorff") == 2
     assert "reward must be one of" in capsys.readouterr().err
+    # a new step count with the default times would be silently ignored by core's sampler
+    assert _distill(tmp_path / "z", "--objective.student_steps", "8") == 2
+    assert "does not match" in capsys.readouterr().err
