@@ -69,9 +69,12 @@ class SelfForcingRecipeConfig:
     window: int = 3  # chunks kept in the rolling KV cache when streaming (0..; -1 = all)
     init: InitConfig = field(default_factory=InitConfig)  # ODE-pair initialisation
     dmd: SelfForcingConfig = field(default_factory=_dmd)  # self-forcing DMD (steps K, FFE, ASD)
+    # self-forcing DMD training loop (Adam beta1 = 0, as DMD2 / Self Forcing). 1,000 steps:
+    # on the 12-pixel-digit teacher, 400 left the student behind (video FD 75 vs 62, digit
+    # accuracy 0.48 vs 0.63), 1,000 matched it (62.7 vs 61.6, 0.63 vs 0.63; session 11)
     train: TrainConfig = field(
-        default_factory=lambda: _train(betas=(0.0, 0.999), ema_decay=0.99)
-    )  # self-forcing DMD training loop (Adam beta1 = 0, as DMD2 / Self Forcing)
+        default_factory=lambda: _train(steps=1000, betas=(0.0, 0.999), ema_decay=0.99)
+    )
     eval: EvalConfig = field(default_factory=EvalConfig)  # evaluation
     threads: int = 1  # torch CPU threads (0 = torch's default)
     device: str = "auto"  # cpu, cuda, or auto
