@@ -45,10 +45,11 @@ def _low_quality_teacher() -> VideoTeacherConfig:
 def _mcm_loss() -> MCMLossConfig:
     # The paper's frame GAN (clipped WGAN, weight 1, on frozen DINO features) turned our
     # from-scratch pixel discriminator into a noise generator: 4-step video FD 230 vs the
-    # teacher's 42, 1.8-5.9x the high-quality clips' Laplacian energy. Swept on the one-digit
-    # teacher (session 11, 64 videos, BENCHMARKS.md): WGAN 0.1 still over-sharpens (FD 81);
-    # the non-saturating loss at 0.01 keeps the 4-step FD at the teacher's (41 / 52, two
-    # training seeds) while raising sharpness from the teacher's 0.13 to 0.5-0.8
+    # teacher's 42, 1.8-5.9x the high-quality clips' Laplacian energy. Swept on the 8-pixel
+    # digit teacher (session 11, 64 videos, BENCHMARKS.md): WGAN 0.1 still over-sharpens (FD
+    # 81); the non-saturating loss at 0.01 keeps the 4-step FD at the teacher's (41 / 52, two
+    # training seeds) while raising sharpness from the teacher's 0.13 to 0.5-0.8. On the
+    # 12-pixel data it doubles FD against no GAN (256 vs 144): no working default there yet
     return MCMLossConfig(adv_weight=0.01, gan_loss="bce")
 
 
