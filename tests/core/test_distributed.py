@@ -111,3 +111,15 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path, monkeyp
         for key, value in single.items():
             torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0)
             torch.testing.assert_close(ranks[0][key], value, rtol=0, atol=1e-5, msg=key)
+
+
+def test_setup_gives_a_bare_cuda_device_the_local_rank(monkeypatch):
+    """``device="cuda"`` (what recipes' "auto" resolves to) must reach set_device with an index:
+    torch >= 2.10 refuses a bare "cuda" there, which stopped every recipe on a GPU."""
+    from fewstep.core import distributed
+
+    seen = []
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: seen.append(torch.device(d)))
+    info = distributed.setup("cuda")
+    assert seen == [torch.device("cuda", 0)] and info.device == torch.device("cuda", 0)
