@@ -31,43 +31,40 @@ _MCM_COLS = [f"samplers.{s}.{k}" for s in ("student_1", "student_4", "teacher")
 _PAIR_COLS = [f"{who}_{k}" for who in ("student", "teacher")
               for k in ("video_fd", "digit_accuracy")]  # fmt: skip
 
-# sweep -> (recipe, columns, {variant: extra CLI arguments})
-SWEEPS: dict[str, tuple[str, list[str], dict[str, list[str]]]] = {
+_PLAIN_CD = "--mcm.motion raw --mcm.adv_weight 0 --mcm.mix_ratio 0"
+_T4000 = "--teacher.steps 4000 --teacher.lr 1e-3"
+
+# sweep -> (recipe, columns, {variant: extra CLI arguments, split at spaces})
+SWEEPS: dict[str, tuple[str, list[str], dict[str, str]]] = {
     "mcm": ("video-mcm", _MCM_COLS, {
-        "plain-cd": ["--mcm.motion", "raw", "--mcm.adv_weight", "0", "--mcm.mix_ratio", "0"],
-        "plain-cd-2000": ["--mcm.motion", "raw", "--mcm.adv_weight", "0", "--mcm.mix_ratio",
-                          "0", "--train.steps", "2000"],
-        "diff-mix-2000": ["--mcm.adv_weight", "0", "--train.steps", "2000"],
-        "default": [],
-        "default-2000": ["--train.steps", "2000"],
-        "bce-0.003-2000": ["--mcm.adv_weight", "0.003", "--train.steps", "2000"],
-        "bce-0.001-2000": ["--mcm.adv_weight", "0.001", "--train.steps", "2000"],
-        "bce-0.01-late-2000": ["--train.steps", "2000", "--mcm.disc_start_step", "1000"],
-        "raw-bce-0.003-2000": ["--mcm.motion", "raw", "--mcm.mix_ratio", "0",
-                               "--mcm.adv_weight", "0.003", "--train.steps", "2000"],
-        "cfg2-plain-cd-2000": ["--mcm.motion", "raw", "--mcm.adv_weight", "0",
-                               "--mcm.mix_ratio", "0", "--train.steps", "2000",
-                               "--guidance", "2"],
-        "cfg2-bce-0.003-2000": ["--mcm.adv_weight", "0.003", "--train.steps", "2000",
-                                "--guidance", "2"],
-    }),  # fmt: skip
-    "vdot": ("video-vdot", _PAIR_COLS + ["student_direction_accuracy",
-                                         "teacher_direction_accuracy"], {
-        "default": [],
-        "cfg4": ["--guidance", "4"],
-        "teacher-4000-lr1e-3": ["--teacher.steps", "4000", "--teacher.lr", "1e-3"],
-        "teacher-4000-lr1e-3-cfg4": ["--teacher.steps", "4000", "--teacher.lr", "1e-3",
-                                     "--guidance", "4"],
-        "teacher-4000-lr1e-3-1000": ["--teacher.steps", "4000", "--teacher.lr", "1e-3",
-                                     "--train.steps", "1000"],
-    }),  # fmt: skip
-    "blade": ("video-blade", _PAIR_COLS + ["dense_student_video_fd",
-                                           "dense_student_digit_accuracy"], {
-        "default": [],
-        "steps-1000": ["--train.steps", "1000"],
-        "steps-1000-batch-16": ["--train.steps", "1000", "--train.batch_size", "16"],
-    }),  # fmt: skip
-}
+        "plain-cd": _PLAIN_CD,
+        "plain-cd-2000": f"{_PLAIN_CD} --train.steps 2000",
+        "diff-mix-2000": "--mcm.adv_weight 0 --train.steps 2000",
+        "default": "",
+        "default-2000": "--train.steps 2000",
+        "bce-0.003-2000": "--mcm.adv_weight 0.003 --train.steps 2000",
+        "bce-0.001-2000": "--mcm.adv_weight 0.001 --train.steps 2000",
+        "bce-0.01-late-2000": "--train.steps 2000 --mcm.disc_start_step 1000",
+        "raw-bce-0.003-2000": "--mcm.motion raw --mcm.mix_ratio 0 --mcm.adv_weight 0.003 "
+                              "--train.steps 2000",
+        "cfg2-plain-cd-2000": f"{_PLAIN_CD} --train.steps 2000 --guidance 2",
+        "cfg2-bce-0.003-2000": "--mcm.adv_weight 0.003 --train.steps 2000 --guidance 2",
+    }),
+    "vdot": ("video-vdot", [*_PAIR_COLS, "student_direction_accuracy",
+                            "teacher_direction_accuracy", "reference_direction_accuracy"], {
+        "default": "",
+        "cfg4": "--guidance 4",
+        "teacher-4000-lr1e-3": _T4000,
+        "teacher-4000-lr1e-3-cfg4": f"{_T4000} --guidance 4",
+        "teacher-4000-lr1e-3-1000": f"{_T4000} --train.steps 1000",
+    }),
+    "blade": ("video-blade", [*_PAIR_COLS, "dense_student_video_fd",
+                              "dense_student_digit_accuracy"], {
+        "default": "",
+        "steps-1000": "--train.steps 1000",
+        "steps-1000-batch-16": "--train.steps 1000 --train.batch_size 16",
+    }),
+}  # fmt: skip
 
 
 def lookup(metrics: dict, path: str):
@@ -104,8 +101,9 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, required=True, help="folder for the run folders")
     ap.add_argument("--parallel", type=int, default=2, help="variants run at a time")
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run")
-    ap.add_argument("--warm", nargs="*", default=[],
-                    help="variants run alone, in this order, before the rest")
+    ap.add_argument(
+        "--warm", nargs="*", default=[], help="variants run alone, in this order, before the rest"
+    )
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                     help="arguments added to every variant (last on the command line)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=None, help="JSON (default: RUNS/sweep.json)")
@@ -114,14 +112,15 @@ def main() -> None:
     unknown = (set(a.only or ()) | set(a.warm)) - set(variants)
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; the sweep has {sorted(variants)}")
-    chosen = {k: v for k, v in variants.items() if a.only is None or k in a.only}
+    chosen = {k: v.split() for k, v in variants.items() if a.only is None or k in a.only}
     a.runs.mkdir(parents=True, exist_ok=True)
     out, t0, results = a.out or a.runs / "sweep.json", time.perf_counter(), []
 
     def finish(result: dict) -> list[dict]:  # the JSON is rewritten after every variant
         results.append(result)
         rows = [{"variant": r["variant"], "seconds": round(r["seconds"]),
-                 **{c: lookup(r.get("metrics", {}), c) for c in cols}} for r in results]  # fmt: skip
+                 **{c: lookup(r.get("metrics", {}), c) for c in cols}}
+                for r in results]  # fmt: skip
         write_json(out, {"machine": machine(), "sweep": a.sweep, "recipe": recipe,
                          "seconds": time.perf_counter() - t0, "extra": a.extra,
                          "rows": rows, "runs": results})  # fmt: skip

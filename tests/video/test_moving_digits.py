@@ -1,6 +1,7 @@
 """The moving-digits recipe: determinism, bouncing inside the frame, metadata that matches
 the pixels, real MP4 files the clip reader accepts, and a measurably worse low quality."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ from fewstep.video.moving_digits import (
     bounce,
     generate_moving_digits,
     moving_digits_array,
+    upstream_start,
 )
 
 
@@ -121,6 +123,29 @@ def test_low_quality_is_measurably_worse(tmp_path):
     assert psnr(read_low, high.frames) < psnr(read_high, high.frames) - 5.0
 
 
+def test_upstream_start_never_bounces_where_the_path_fits():
+    """Slow digits started upstream move one way through the whole clip (the direction shows
+    in every frame), uniform starts bounce; the rest of each video's content is the same."""
+    kw = dict(n_videos=30, frames=8, size=16, seed=3)
+    slow = MovingDigitsConfig(digit_size=12, digits=(1, 1), max_spin=0, speed=(0.5, 0.57))
+    up = moving_digits_array(**kw, config=dataclasses.replace(slow, start="upstream"))
+    uniform = moving_digits_array(**kw, config=slow)
+    reversals = []
+    for video_up, video_uniform in zip(up.videos, uniform.videos, strict=True):
+        (a,), (b,) = video_up["digits"], video_uniform["digits"]
+        assert (a["label"], a["velocity"]) == (b["label"], b["velocity"])
+        assert video_up["background"] == video_uniform["background"]
+        for digit in (a, b):
+            steps = np.diff(np.array(digit["positions"]), axis=0)  # (T-1, 2)
+            signs = [set(np.sign(steps[:, k])) - {0} for k in range(2)]
+            reversals.append(any(len(s) > 1 for s in signs))
+    assert not any(reversals[0::2])  # upstream: no axis ever reverses
+    assert any(reversals[1::2])  # uniform starts in a 4-pixel room do bounce
+    # where the travel is longer than the room, the start is the wall behind the motion
+    np.testing.assert_allclose(upstream_start(np.array([0.3, 0.9]), np.array([2.0, -2.0]), 8, 4.0),
+                               [0.0, 4.0])  # fmt: skip
+
+
 def test_bad_recipe_is_rejected_clearly():
     with pytest.raises(ValueError, match="quality must be one of"):
         moving_digits_array(1, quality="medium")
@@ -128,3 +153,5 @@ def test_bad_recipe_is_rejected_clearly():
         moving_digits_array(1, size=16, config=MovingDigitsConfig(digit_size=16))
     with pytest.raises(ValueError, match="backgrounds"):
         moving_digits_array(1, config=MovingDigitsConfig(backgrounds=("plaid",)))
+    with pytest.raises(ValueError, match="start must be one of"):
+        moving_digits_array(1, config=MovingDigitsConfig(start="random"))

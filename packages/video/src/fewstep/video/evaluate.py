@@ -57,6 +57,13 @@ class ClassifierConfig:
     max_digits: int = 1  # digits per clip drawn from 1..max_digits
     max_spin: float = 0.0  # digit spin, degrees per frame
     digit_size: int = 12  # digit sprite side in pixels (0: half the frame)
+    speed: tuple[float, float] = (1.0, 2.5)  # digit speeds, pixels per frame (as the data)
+    start: str = "uniform"  # start positions (moving_digits: uniform, or upstream: no bounce)
+
+
+# fields added after cached classifiers were keyed: left out of the key at their defaults,
+# so those classifiers stay valid
+_KEYED_IF_CHANGED = {"speed": (1.0, 2.5), "start": "uniform"}
 
 
 def direction_bin(velocity: tuple[float, float] | list[float]) -> int:
@@ -69,17 +76,18 @@ def direction_bin(velocity: tuple[float, float] | list[float]) -> int:
 
 def labelled_clips(
     n: int, frames: int, size: int, seed: int, max_digits: int = 2, max_spin: float = 8.0,
-    digit_size: int = 0,
+    digit_size: int = 0, speed: tuple[float, float] = (1.0, 2.5), start: str = "uniform",
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(clips (N, T, 3, H, W) in [-1, 1], digit multi-hot (N, 10), direction multi-hot
     (N, DIRECTION_BINS)) from the moving-digits recipe's metadata (1..``max_digits`` digits
     of ``digit_size`` pixels (0: half the frame) spinning up to ``max_spin`` degrees per
-    frame; the rest of the recipe as the teacher's)."""
+    frame, moving at ``speed`` from ``start`` positions; the rest of the recipe as the
+    teacher's)."""
     from fewstep.video.moving_digits import MovingDigitsConfig, moving_digits_array
 
-    config = MovingDigitsConfig(
-        digits=(1, max_digits), max_spin=max_spin, digit_size=digit_size or None
-    )
+    config = MovingDigitsConfig(digits=(1, max_digits), max_spin=max_spin,
+                                digit_size=digit_size or None, speed=tuple(speed),
+                                start=start)  # fmt: skip
     md = moving_digits_array(n, frames, size, seed, config=config)
     digits = torch.zeros(n, NUM_DIGITS)
     dirs = torch.zeros(n, DIRECTION_BINS)
@@ -158,8 +166,9 @@ def train_classifier(
     torch.manual_seed(cfg.train_seed)
     model = model or VideoClassifier(cfg.width, cfg.features)
     clips, digits, dirs = labelled_clips(
-        cfg.videos, cfg.frames, cfg.size, cfg.seed, cfg.max_digits, cfg.max_spin, cfg.digit_size
-    )
+        cfg.videos, cfg.frames, cfg.size, cfg.seed, cfg.max_digits, cfg.max_spin, cfg.digit_size,
+        cfg.speed, cfg.start,
+    )  # fmt: skip
     n_val = max(cfg.videos // 10, 2)
     tr, va = slice(n_val, None), slice(0, n_val)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
@@ -200,7 +209,9 @@ def load_classifier(cfg: ClassifierConfig | None = None) -> tuple[VideoClassifie
     from fewstep.core.cache import cached_module
 
     cfg = cfg or ClassifierConfig()
-    spec = {**dataclasses.asdict(cfg), "model": "video-classifier-v2"}
+    spec = {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in _KEYED_IF_CHANGED or v != _KEYED_IF_CHANGED[k]}  # fmt: skip
+    spec["model"] = "video-classifier-v2"
     model = VideoClassifier(cfg.width, cfg.features)
 
     def train(m: nn.Module) -> dict:

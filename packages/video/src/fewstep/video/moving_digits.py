@@ -12,7 +12,10 @@ and the low-quality variant shows exactly the content of the high-quality one.
    moves at a constant speed (uniform in ``config.speed`` pixels per frame, direction
    uniform), bouncing off the frame edges (the unfolded position p0 + v t is reflected
    into [0, size - digit_size]); the sprite is placed at the nearest whole pixel, so the
-   whole sprite, and the digit in it, stays inside the frame.
+   whole sprite, and the digit in it, stays inside the frame. With ``start = "upstream"``
+   the same uniform draw u is mapped, per axis, into the starts from which the whole path
+   p0 + v t (t < T) stays inside without a bounce (or to the wall behind the motion where
+   the path is longer than the room): the clip then shows its direction in every frame.
 3. Rotation: start angle uniform in [-30, 30] degrees, then a constant spin uniform in
    [-max_spin, max_spin] degrees per frame about the sprite centre (bilinear; ink rotated
    past the sprite square is cut). ``max_spin = 0`` keeps digits upright.
@@ -51,6 +54,7 @@ from fewstep.video.io import write_video
 
 QUALITIES = ("high", "low")
 BACKGROUNDS = ("noise", "stripes", "gradient")
+STARTS = ("uniform", "upstream")
 _START_ANGLE = 30.0  # degrees: start angles are uniform in [-_START_ANGLE, _START_ANGLE]
 _BG_MAX = 0.45  # background channel values lie in [0, _BG_MAX]; digits are brighter
 
@@ -70,6 +74,7 @@ class MovingDigitsConfig:
     blur_sigma: float = 1.0  # "low": Gaussian blur standard deviation, pixels
     noise_std: float = 8.0  # "low": additive Gaussian noise std, in 0-255 units
     jpeg_quality: int = 20  # "low": JPEG quality of the per-frame round trip (1-95)
+    start: str = "uniform"  # start positions: uniform, or upstream (no bounce where it fits)
 
     def validate(self, size: int) -> int:
         """The sprite side for frames of ``size``; raises on an inconsistent recipe."""
@@ -81,6 +86,8 @@ class MovingDigitsConfig:
             raise ValueError(f"digits must be (fewest, most) with 1 <= fewest <= most: {lo, hi}")
         if not 0 <= self.speed[0] <= self.speed[1]:
             raise ValueError(f"speed must be (low, high) with 0 <= low <= high: {self.speed}")
+        if self.start not in STARTS:
+            raise ValueError(f"start must be one of {STARTS}, got {self.start!r}")
         unknown = set(self.backgrounds) - set(BACKGROUNDS)
         if not self.backgrounds or unknown:
             raise ValueError(f"backgrounds must be a non-empty subset of {BACKGROUNDS}")
@@ -207,6 +214,17 @@ def bounce(start: np.ndarray, velocity: np.ndarray, steps: int, limit: float) ->
     return limit - np.abs(limit - m)
 
 
+def upstream_start(u: np.ndarray, velocity: np.ndarray, steps: int, limit: float) -> np.ndarray:
+    """Per axis, u (2,) in [0, 1) mapped uniformly into the starts p0 in [0, limit] whose
+    path p0 + v t, t < ``steps``, stays in [0, limit]; where the travel |v| (steps - 1) is
+    longer than ``limit``, the wall behind the motion (0 for v > 0, ``limit`` for v < 0)."""
+    travel = velocity * (steps - 1)
+    lo = np.clip(-travel, 0.0, limit)  # the path's lowest point must stay >= 0
+    hi = np.clip(limit - travel, 0.0, limit)  # and its highest <= limit
+    fits = np.abs(travel) <= limit
+    return np.where(fits, lo + u * (hi - lo), np.where(velocity > 0, 0.0, limit))
+
+
 def _render(rng, frames: int, size: int, d: int, cfg: MovingDigitsConfig):
     """One video (T, size, size, 3) uint8 and its metadata (background, digits)."""
     background, bg_meta = _background(rng, size, cfg.backgrounds)
@@ -217,7 +235,10 @@ def _render(rng, frames: int, size: int, d: int, cfg: MovingDigitsConfig):
         k = int(rng.integers(len(images)))
         speed, direction = rng.uniform(*cfg.speed), rng.uniform(0.0, 2.0 * np.pi)
         velocity = speed * np.array([np.cos(direction), np.sin(direction)])
-        positions = np.rint(bounce(rng.uniform(0, size - d, 2), velocity, frames, size - d))
+        start = rng.uniform(0, size - d, 2)
+        if cfg.start == "upstream":
+            start = upstream_start(start / (size - d), velocity, frames, size - d)
+        positions = np.rint(bounce(start, velocity, frames, size - d))
         positions = positions.astype(int)  # (T, 2) top-left [x, y]
         angles = rng.uniform(-_START_ANGLE, _START_ANGLE) + rng.uniform(
             -cfg.max_spin, cfg.max_spin

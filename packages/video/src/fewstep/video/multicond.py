@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +31,7 @@ from torch import Tensor, nn
 from fewstep.core.models import ModuleDenoiser
 from fewstep.video.dit import VideoDiT
 from fewstep.video.evaluate import DIRECTION_BINS
-from fewstep.video.teacher import NUM_CLASSES, VideoDataConfig, VideoTeacherConfig
+from fewstep.video.teacher import NUM_CLASSES, VideoTeacherConfig
 
 NULL_DIRECTION = DIRECTION_BINS  # direction index of the null condition
 _SPAN = DIRECTION_BINS + 1  # directions per digit in the joint index (null included)
@@ -103,23 +102,15 @@ def two_condition_model(teacher: ModuleDenoiser) -> ModuleDenoiser:
 # --------------------------------------------------------------------------------- data
 
 
-def load_two_condition_clips(cfg: VideoDataConfig) -> tuple[Tensor, Tensor]:
+def load_two_condition_clips(cfg: TwoConditionTeacherConfig) -> tuple[Tensor, Tensor]:
     """(clips (N, T, 3, H, W) in [-1, 1], conditions (N, 2) [first digit's label, its
-    direction bin]) from the teacher's MP4 clips (``teacher.load_clips``) and the metadata
-    the generator wrote beside them."""
-    from fewstep.core.cache import cache_key, cache_root
+    direction bin]): the class teacher's clip recipe with the fine-tuning motion
+    (``cfg.motion()``), as MP4 files read back by ``teacher.load_clips`` with their metadata."""
     from fewstep.video.evaluate import direction_bin
-    from fewstep.video.io import VideoClipDataset
     from fewstep.video.teacher import load_clips
 
-    folder = cache_root() / "video-data" / cache_key(dataclasses.asdict(cfg))
-    clips, labels = load_clips(cfg, folder)
-    meta = json.loads((folder / "metadata.json").read_text())
-    dir_of = {v["file"]: direction_bin(v["digits"][0]["velocity"]) for v in meta["videos"]}
-    ds = VideoClipDataset(folder, clip_len=cfg.frames, random_clip=False)
-    directions = torch.tensor([dir_of[info.path.name] for info in ds.videos])
-    if len(directions) != len(labels):
-        raise RuntimeError(f"{folder}: {len(labels)} clips but {len(directions)} directions")
+    clips, labels, metas = load_clips(cfg.base.data, with_meta=True, recipe=cfg.motion())
+    directions = torch.tensor([direction_bin(m["digits"][0]["velocity"]) for m in metas])
     return clips, torch.stack([labels, directions], 1)
 
 
@@ -129,11 +120,22 @@ def load_two_condition_clips(cfg: VideoDataConfig) -> tuple[Tensor, Tensor]:
 @dataclass
 class TwoConditionTeacherConfig:
     base: VideoTeacherConfig = field(default_factory=VideoTeacherConfig)  # class teacher
+    # Motion of the fine-tuning clips. The class teacher's (1-2.5 px per frame, uniform start)
+    # bounces a 12-pixel digit in a 16-pixel frame every 2-4 frames, so the start direction
+    # shows in a frame or two: teachers fine-tuned 1,000 or 4,000 steps on it sampled every
+    # direction at chance (0.22-0.25, H200 sweep, session 12). 0.5-0.57 px from the wall
+    # behind the motion crosses the 4-pixel room once, without a bounce
+    speed: tuple[float, float] = (0.5, 0.57)  # pixels per frame
+    start: str = "upstream"  # moving_digits start positions (upstream: no bounce)
     steps: int = 1000  # fine-tuning steps with the direction condition
     batch_size: int = 32  # fine-tuning batch
     lr: float = 3e-4  # AdamW learning rate
     cond_dropout: float = 0.1  # both conditions dropped together (CFG)
     seed: int = 0  # fine-tuning seed
+
+    def motion(self):
+        """The fine-tuning clips' moving-digits recipe: the class teacher's, with this motion."""
+        return dataclasses.replace(self.base.data.recipe(), speed=self.speed, start=self.start)
 
 
 def load_two_condition_teacher(
@@ -146,7 +148,7 @@ def load_two_condition_teacher(
     base, _ = load_teacher(cfg.base, progress=progress)
     spec = {**dataclasses.asdict(cfg), "model": "video-dit-2cond-v1"}
     return train_cached("video-teacher-2cond", spec, two_condition_model(base),
-                        lambda: TensorData(*load_two_condition_clips(cfg.base.data)), cfg,
+                        lambda: TensorData(*load_two_condition_clips(cfg)), cfg,
                         null_pair, progress)  # fmt: skip
 
 

@@ -79,19 +79,24 @@ def null_labels(labels: Tensor) -> Tensor:
     return torch.full_like(labels, NUM_CLASSES)
 
 
-def load_clips(cfg: VideoDataConfig, folder: Path | None = None, with_meta: bool = False):
+def load_clips(cfg: VideoDataConfig, folder: Path | None = None, with_meta: bool = False,
+               recipe=None):  # fmt: skip
     """(clips (N, T, 3, H, W) in [-1, 1], first-digit labels (N,)), generated as MP4 files
     under ``folder`` (default: the fewstep cache) and read back with decord; with
-    ``with_meta`` also each clip's moving-digits metadata (positions, angles, ...)."""
+    ``with_meta`` also each clip's moving-digits metadata (positions, angles, ...).
+    ``recipe``: a ``MovingDigitsConfig`` replacing ``cfg.recipe()`` (it joins the cache key)."""
     from fewstep.core.cache import cache_key, cache_root
     from fewstep.video.io import VideoClipDataset
     from fewstep.video.moving_digits import generate_moving_digits
 
-    folder = folder or cache_root() / "video-data" / cache_key(dataclasses.asdict(cfg))
+    spec = dataclasses.asdict(cfg)
+    if recipe is not None:
+        spec["recipe"] = dataclasses.asdict(recipe)
+    folder = folder or cache_root() / "video-data" / cache_key(spec)
     meta_file = folder / "metadata.json"
     if not meta_file.exists():
         generate_moving_digits(folder, cfg.videos, cfg.frames, cfg.size, cfg.seed, cfg.quality,
-                               cfg.recipe())  # fmt: skip
+                               recipe or cfg.recipe())  # fmt: skip
     meta = json.loads(meta_file.read_text())
     meta_of = {v["file"]: v for v in meta["videos"]}
     ds = VideoClipDataset(folder, clip_len=cfg.frames, random_clip=False)

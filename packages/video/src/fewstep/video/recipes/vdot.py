@@ -122,7 +122,7 @@ class VDOTRecipe:
             raise ValueError("VDOT's OT term compares samples of a batch: train.batch_size >= 2")
         out_dir, device = Path(out_dir), resolve_device(cfg.device)
         teacher, tinfo = load_two_condition_teacher(cfg.teacher, progress=cfg.train.progress)
-        clips, cond = load_two_condition_clips(cfg.teacher.base.data)
+        clips, cond = load_two_condition_clips(cfg.teacher)
         objective = VDOTObjective(_guided(cfg, teacher), obj_cfg)
 
         t0 = time.perf_counter()
@@ -179,7 +179,10 @@ class VDOTRecipe:
         from fewstep.video.io import write_video
 
         e, data = cfg.eval, cfg.teacher.base.data
-        ccfg = dataclasses.replace(e.classifier, frames=data.frames, size=data.size)
+        # the classifier learns the clips' motion too: one trained on the class teacher's
+        # bouncing clips read 0.15 of the slow upstream ones' directions (chance 0.25)
+        ccfg = dataclasses.replace(e.classifier, frames=data.frames, size=data.size,
+                                   speed=cfg.teacher.speed, start=cfg.teacher.start)  # fmt: skip
         clf, cinfo = load_classifier(ccfg)
         device = next(student.parameters()).device
         gen = torch.Generator().manual_seed(e.seed)
@@ -245,7 +248,7 @@ class VDOTRecipe:
         from fewstep.video.multicond import load_two_condition_clips
 
         cfg, objective, teacher, student = self.load(run_dir)
-        clips, cond = load_two_condition_clips(cfg.teacher.base.data)
+        clips, cond = load_two_condition_clips(cfg.teacher)
         m = self._evaluate(cfg, objective, teacher, student, clips, cond, Path(run_dir))
         return merge_metrics(run_dir, m)
 
