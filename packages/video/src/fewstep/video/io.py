@@ -96,7 +96,8 @@ def write_video(
     if len(x) == 0:
         raise ValueError(f"no frames to write to {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
+    # per process: two runs filling the same cache folder must not share a temporary file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         if suffix == ".mp4":
             _write_mp4(tmp, x, fps, crf)
