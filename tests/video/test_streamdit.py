@@ -168,7 +168,7 @@ def test_stream_fails_when_the_buffer_gets_one_level():
     """The same oracle, but told one level for the whole buffer (the mean): the emitted
     chunks miss the data, so the per-frame test above can fail."""
     # its own generator: a target equal to the stream's seed-0 noise (global seed 0, as an
-    # earlier test can leave it) is reached at every level, and the test passed vacuously
+    # earlier test can leave it) is reached at every level: error 0, a spurious failure
     target = torch.randn(1, 8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
     class OneLevel(OracleNet):
