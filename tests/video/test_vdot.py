@@ -92,3 +92,19 @@ def test_vdot_student_loss_depends_on_the_direction():
     assert logs["ot_loss"] > 0 and logs["dm_loss"] > 0
     # same noise, digits and draws: only the direction differs, which the real score sees
     assert abs(loss_a - loss_b) > 1e-6 * max(abs(loss_a), 1e-12)
+
+
+def test_direction_table_steps_at_the_gain():
+    """Adam moves a table entry by about lr per step; the direction's contribution to the
+    label embedding must move DIRECTION_GAIN times that, or a zero-initialised table never
+    reaches the unit scale of the digit table it is summed with."""
+    from fewstep.video.multicond import DIRECTION_GAIN
+
+    label = two_condition_model(_class_teacher()).net.dit.label
+    joint = joint_index(torch.tensor([[3, 1], [5, 2]]))
+    before = label(joint).detach()
+    opt = torch.optim.Adam(label.direction.parameters(), lr=1e-3)
+    label(joint).sum().backward()
+    opt.step()
+    moved = (label(joint).detach() - before).abs()
+    torch.testing.assert_close(moved, torch.full_like(moved, DIRECTION_GAIN * 1e-3))

@@ -62,9 +62,18 @@ def joint_index(cond: Tensor) -> Tensor:
     return digit * _SPAN + direction
 
 
+# The direction table starts at zero (the two-condition model starts as the class teacher)
+# but is summed with a digit table of unit-scale entries (nn.Embedding's N(0, 1) init). Adam
+# moves a table entry by at most about lr per step, so at the fine-tuning lr 3e-4 a plain
+# zero table stayed near zero: after 1,000 steps its rows had norm 0.14 against the digit
+# rows' 9-10, and the teacher's motion did not depend on the direction at all (session 12).
+# The gain multiplies the table's effective step (a learning-rate multiplier for it alone).
+DIRECTION_GAIN = 16.0
+
+
 class PairEmbedding(nn.Module):
-    """Stands in for ``VideoDiT.label``: joint index -> digit embedding + direction
-    embedding (B,) -> (B, dim)."""
+    """Stands in for ``VideoDiT.label``: joint index -> digit embedding + ``DIRECTION_GAIN``
+    x direction embedding (B,) -> (B, dim)."""
 
     def __init__(self, digit: nn.Embedding):
         super().__init__()
@@ -73,7 +82,7 @@ class PairEmbedding(nn.Module):
         nn.init.zeros_(self.direction.weight)  # start as the class-conditional model
 
     def forward(self, joint: Tensor) -> Tensor:
-        return self.digit(joint // _SPAN) + self.direction(joint % _SPAN)
+        return self.digit(joint // _SPAN) + DIRECTION_GAIN * self.direction(joint % _SPAN)
 
 
 class TwoConditionNet(nn.Module):
@@ -146,7 +155,7 @@ def load_two_condition_teacher(
     from fewstep.video.teacher import load_teacher, train_cached
 
     base, _ = load_teacher(cfg.base, progress=progress)
-    spec = {**dataclasses.asdict(cfg), "model": "video-dit-2cond-v1"}
+    spec = {**dataclasses.asdict(cfg), "model": "video-dit-2cond-v2"}  # v2: DIRECTION_GAIN
     return train_cached("video-teacher-2cond", spec, two_condition_model(base),
                         lambda: TensorData(*load_two_condition_clips(cfg)), cfg,
                         null_pair, progress)  # fmt: skip
