@@ -1,5 +1,6 @@
 """Benchmark: the flow-matching CA-backbone teacher (400 Euler steps, as Proteina samples)
-vs SiD few-step students (Xie et al. 2025) at K = 1, 2, 4, 8, 16 steps with noise modulation.
+vs SiD few-step students (Xie et al. 2025) at K = 1, 2, 4, 8, 16 steps with noise modulation,
+plus the ``EXTRA`` students (SiDA at K = 16, SiD at K = 20 with more steps).
 
     uv run --package fewstep-protein python benchmarks/protein.py [--samples 64]
 
@@ -39,6 +40,11 @@ TEACHER = [
     "--teacher.sample-mode", "sc", "--teacher.noise-scale", "0.45",
 ]  # fmt: skip
 DISTILL = ["--train.steps", "300", "--train.batch-size", "8", "--train.progress", "false"]
+# further students beside the SiD ones: (run folder, K, extra recipe options, table row)
+EXTRA = [
+    ("sida_k16", 16, ["--objective", "sida"], "SiDA K=16, noise 0.45"),
+    ("sid_k20_600", 20, ["--train.steps", "600"], "SiD K=20 (600 steps), noise 0.45"),
+]
 COLUMNS = {  # table column -> metric key (see fewstep.protein.metrics)
     "NFE": "nfe",
     "samples/s": "samples_per_second",
@@ -57,12 +63,12 @@ COLUMNS = {  # table column -> metric key (see fewstep.protein.metrics)
 }
 
 
-def distill(k: int, out: Path, samples: int) -> dict:
+def distill(k: int, out: Path, samples: int, extra: list[str] | None = None) -> dict:
     from fewstep.core import cli
 
     args = ["distill", "protein-sid", "--out", str(out), "--student-steps", str(k),
             "--eval.samples", str(samples), "--eval.teacher", "false",
-            *TEACHER, *DISTILL]  # fmt: skip
+            *TEACHER, *DISTILL, *(extra or [])]  # fmt: skip
     t0 = time.perf_counter()
     if cli.main(args) != 0:
         raise RuntimeError(f"protein-sid K={k} failed")
@@ -104,6 +110,13 @@ def main() -> None:
                 continue
             runs[f"K={k}"] = distill(k, root / f"sid_k{k}", args.samples)
             print(f"distilled K={k} in {runs[f'K={k}']['wall_seconds']:.0f} s", flush=True)
+        for name, k, extra, _ in EXTRA:
+            done = root / name / "metrics.json"
+            if done.exists():
+                runs[name] = json.loads(done.read_text())
+                continue
+            runs[name] = distill(k, root / name, args.samples, extra)
+            print(f"distilled {name} in {runs[name]['wall_seconds']:.0f} s", flush=True)
         # side by side: same noise, same batch, one thread
         rows, results = [], {}
         cfg, teacher, _, _, ca = SID.load(root / f"sid_k{STEPS[0]}")
@@ -133,6 +146,10 @@ def main() -> None:
                 results["SiD K=4, noise 1.0 (no modulation)"] = evaluate(
                     "K=4 plain", student, plain, ca, b, b, args.seed
                 )
+        for name, _k, _, row in EXTRA:
+            _, _, student, meta, _ = SID.load(root / name)
+            sampler = SID.eval_sampler(cfg, meta["times"], meta["noise_scale"])
+            results[row] = evaluate(name, student, sampler, ca, b, b, args.seed)
         for k in (16, 32):  # the students' initialisation: the teacher on the student sampler
             sampler = SID.eval_sampler(cfg, SID.student_times(cfg, k), cfg.noise_scale)
             results[f"teacher as K={k} student (no SiD), noise 0.45"] = evaluate(

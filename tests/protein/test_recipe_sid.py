@@ -72,7 +72,7 @@ def test_distill_writes_student_metrics_and_pdb_files(tmp_path, cache, capsys):
 
 def test_other_objectives_and_student_times_are_refused(tmp_path, cache, capsys):
     assert cli.main(["distill", "protein-sid", "--out", str(tmp_path), "--objective", "dmd"]) == 2
-    assert "supported: sid" in capsys.readouterr().err
+    assert "supported: sid, sida" in capsys.readouterr().err
     args = ["distill", "protein-sid", "--out", str(tmp_path / "b"), *TINY,
             "--objective.student-times", "1.0,0.5"]  # fmt: skip
     assert cli.main(args) == 2
@@ -186,3 +186,47 @@ def test_fake_score_times_are_clamped_like_the_paper():
     with pytest.raises(ValueError, match="fake_t_range"):
         cfg = SiDProteinConfig(teacher=TeacherConfig(length=10, model=NET), fake_t_range=(0.5, 0.1))
         SID.build_objective(cfg, objective.config, teacher)
+
+
+# ------------------------------------------------------------------------------- SiDA
+
+
+def test_sida_uses_real_fragments_and_the_fake_score_features():
+    """``--objective sida`` builds core's SiDA on the protein sampler; its discriminator reads
+    the fake score's first-half tokens (one logit per residue) and the batch's real
+    fragments: other real fragments change the fake score's loss, not the student's SiD
+    part."""
+    from fewstep.core.objectives.sida import SiDAConfig
+    from fewstep.protein.recipes.sid import ProteinSiDA
+
+    cfg = SiDProteinConfig(teacher=TeacherConfig(length=10, model=NET), student_steps=2)
+    obj_cfg = dataclasses.replace(SiDAConfig(), **SID.objective_defaults("sida"))
+    teacher = build_denoiser(NET, seed=0).requires_grad_(False).eval()
+    objective = SID.build_objective(cfg, obj_cfg, teacher)
+    assert isinstance(objective, ProteinSiDA) and objective.needs_data
+    assert objective.student_sampler().times == pytest.approx(paper_times(2))
+    roles = _roles(objective, teacher)
+    feats = roles["fake_score"].features(torch.randn(3, 10, 3), torch.full((3,), 0.5))
+    assert feats.shape == (3, NET.dim, 10)
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for scale in (0.3, 3.0):  # two different "real" sets
+        real = scale * torch.randn(6, 10, 3, generator=g)
+        batch = Batch(real, None, StepRNG(7, 0, 0, 6, 0, 6), {"sample_shape": (10, 3)})
+        losses, logs = objective.losses(roles, batch, ["student", "fake_score"], 0)
+        out.append((logs["sid_loss"], logs["disc_loss"], logs["fake_score_loss"]))
+    (sid_a, disc_a, fs_a), (sid_b, disc_b, fs_b) = out
+    assert sid_a == pytest.approx(sid_b) and fs_a == pytest.approx(fs_b)
+    assert abs(disc_a - disc_b) > 1e-4
+
+
+def test_distill_sida_end_to_end(tmp_path, cache):
+    """``--objective sida`` trains through the CLI with the real fragments and the recipe's
+    SiDA defaults (warm-up shortened to fit the tiny run)."""
+    out = tmp_path / "sida"
+    args = ["distill", "protein-sid", "--out", str(out), *TINY, "--objective", "sida",
+            "--objective.fake-warmup-steps", "1", "--eval.teacher", "false"]  # fmt: skip
+    assert cli.main(args) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["objective_config"]["disc_head"] == "pooled"
+    assert json.loads((out / "metrics.json").read_text())["student"]["nfe"] == 2

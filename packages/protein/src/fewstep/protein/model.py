@@ -285,7 +285,11 @@ class BackboneTransformer(nn.Module):
         sep = (idx[None, :] - idx[:, None]).clamp(-cfg.max_rel_sep, cfg.max_rel_sep)
         return self.pair_in(rbf) + self.sep_emb(sep + cfg.max_rel_sep)
 
-    def forward(self, x: Tensor, time: Tensor, mask: Tensor | None = None) -> Tensor:
+    def trunk(
+        self, x: Tensor, time: Tensor, mask: Tensor | None = None, upto: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(tokens (B, L, dim), pair rep, time condition) after the first ``upto`` layers
+        (None = all of them)."""
         if x.ndim != 3 or x.shape[-1] != 3:
             raise ValueError(f"expected CA coordinates of shape (B, L, 3), got {tuple(x.shape)}")
         b, n, _ = x.shape
@@ -296,8 +300,13 @@ class BackboneTransformer(nn.Module):
         biases: list[Tensor | None] = [None] * len(self.layers)
         if not self.cfg.pair_update:
             biases = list(self.to_biases(pair).permute(0, 3, 1, 2).chunk(len(self.layers), 1))
-        for layer, bias in zip(self.layers, biases, strict=True):
+        upto = len(self.layers) if upto is None else upto
+        for layer, bias in list(zip(self.layers, biases, strict=True))[:upto]:
             h, pair = layer(h, pair, bias, c, mask)
+        return h, pair, c
+
+    def forward(self, x: Tensor, time: Tensor, mask: Tensor | None = None) -> Tensor:
+        h, pair, c = self.trunk(x, time, mask)
         h = self.out_norm(h, c)
         out = self.out(h)
         if self.coord_head is not None:
@@ -332,6 +341,19 @@ class BackboneDenoiser(Denoiser):
         # exact velocity of the centre of mass for centred data: mean(eps) = mean(x_t) / t
         v = v + com / t.clamp_min(1e-6).view(-1, 1, 1)
         return v if mask is None else v * mask.unsqueeze(-1).to(v)
+
+    def features(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        """(B, dim, L) residue tokens after the first half of the layers (at least one), on
+        the centred input: the "encoder" a discriminator shares with the score (SiDA, Zhou et
+        al. ICLR 2025, uses the fake score's UNet encoder output; a transformer has no
+        encoder, so its first half stands in). Channels first, as core's heads expect."""
+        mask = cond
+        t = _batch_t(t, x_t)
+        upto = max(1, len(self.net.layers) // 2)
+        x = x_t - centre_of_mass(x_t, mask)
+        h, _, _ = self.net.trunk(x, self.path.network_time(t), mask, upto)
+        h = h if mask is None else h * mask.unsqueeze(-1).to(h)
+        return h.transpose(1, 2)
 
 
 def build_denoiser(cfg: BackboneTransformerConfig, seed: int = 0) -> BackboneDenoiser:

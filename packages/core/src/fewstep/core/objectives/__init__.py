@@ -15,6 +15,7 @@ BUILTIN: dict[str, str] = {
     "dmd": "fewstep.core.objectives.dmd:DMD",
     "vsd": "fewstep.core.objectives.vsd:VSD",
     "sid": "fewstep.core.objectives.sid:SiD",
+    "sida": "fewstep.core.objectives.sida:SiDA",
     "f_distill": "fewstep.core.objectives.f_distill:FDistill",
     "uni_instruct": "fewstep.core.objectives.uni_instruct:UniInstruct",
     "decoupled_dmd": "fewstep.core.objectives.decoupled_dmd:DecoupledDMD",

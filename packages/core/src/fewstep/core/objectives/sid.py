@@ -176,11 +176,24 @@ class SiD(Objective):
             loss = sid_generator_loss(x, y_real, y_fake, cfg.alpha)
             logs["sid_loss"] = loss.item()
             logs["score_gap"] = (y_real - y_fake).detach().pow(2).mean().item()
-            losses["student"] = loss
+            extra, extra_logs = self.generator_extra(fake, x, x_t, t, y_real, batch)
+            logs.update(extra_logs)
+            losses["student"] = loss + extra
 
         if "fake_score" in update:
             cond = drop_cond(batch.cond, self.null_cond, dropout, batch)
             loss = guided_denoising_loss(fake, x.detach(), cond, batch, train_scale, self.null_cond)
             logs["fake_score_loss"] = loss.item()
-            losses["fake_score"] = loss
+            extra, extra_logs = self.fake_score_extra(fake, x.detach(), batch)
+            logs.update(extra_logs)
+            losses["fake_score"] = loss + extra
         return losses, logs
+
+    # hooks for SiD variants that add terms (SiDA's adversarial losses); SiD adds none
+    def generator_extra(self, fake, x, x_t, t, y_real, batch) -> tuple[Tensor | float, dict]:
+        """A term added to the generator loss at SiD's own x_t (gradient through x)."""
+        return 0.0, {}
+
+    def fake_score_extra(self, fake, x_g, batch) -> tuple[Tensor | float, dict]:
+        """A term added to the fake score's loss, given the detached student samples x_g."""
+        return 0.0, {}
