@@ -15,7 +15,9 @@ Metrics are :func:`fewstep.lidar.metrics.evaluate_completion` means over the hel
 with the spread of Chamfer over scans. ``--eval-seeds`` re-completes the held-out scans with
 every sampling-noise seed listed (teacher DDPM, student init, both students) and reports
 per-seed means and per-scan wins against the teacher, so "no worse than the teacher" is not
-one seed's accident. ``--runs DIR`` keeps the two run folders. Writes
+one seed's accident. Both runs keep the checkpoint with the best Chamfer on the recipe's
+validation scans (held out of the training streets, never the test street; printed per run).
+``--runs DIR`` keeps the two run folders. Writes
 benchmarks/results/lidar.json and prints markdown tables.
 
 The paper's claim (Zhao et al. 2025): more than 5x faster than LiDiff with Chamfer no worse.
@@ -189,6 +191,14 @@ def main() -> None:
     print(markdown_table(rows))
     print()
     print(markdown_table(seeds))
+    for name, m in (("distillation_dpo", dpo), ("dmd2", dmd)):
+        ck = m.get("checkpoint")
+        if ck:  # chosen on training-street scans held out of distillation, not the test street
+            print(
+                f"{name}: checkpoint of step {ck['step']} (validation Chamfer "
+                f"{ck['val_chamfer']:.4f} on {ck['val_scans']} scans; init "
+                f"{ck['val_chamfer_init']:.4f})"
+            )
     print(
         f"\n{dpo['n_scans']} held-out scans, {report['train_steps']} steps; "
         f"{report['seconds']:.0f} s"

@@ -35,6 +35,7 @@ _TINY = (
     "--train.batch-size 2",
     "--train.progress false",
     "--eval.teacher-steps 3",
+    "--val_scans 1",  # of the 2 training scans (the default 4 needs more)
 )
 TINY = [word for option in _TINY for word in option.split()]
 N_POINTS = 32  # repeat * n_partial
@@ -119,3 +120,24 @@ def test_unsupported_objective_and_reward_are_clear_errors(cache, tmp_path, caps
     # a new step count with the default times would be silently ignored by core's sampler
     assert _distill(tmp_path / "z", "--objective.student_steps", "8") == 2
     assert "does not match" in capsys.readouterr().err
+
+
+def test_validation_scans_pick_the_best_checkpoint(cache, tmp_path):
+    """``val_scans``: scans held out of the training streets (never the test street) score
+    the student every ``eval_every`` steps; the saved student is the best-scoring one."""
+    from fewstep.lidar.recipes.dpo import DPO
+    from fewstep.lidar.teacher import split_pairs
+
+    run = tmp_path / "val"
+    assert _distill(run, "--train.eval_every", "1") == 0  # TINY holds out 1 scan
+    m = json.loads((run / "metrics.json").read_text())
+    ck = m["checkpoint"]
+    evals = [r for r in m["train_log"] if "eval/val_chamfer" in r]
+    assert [r["step"] for r in evals] == [1, 2, 3]
+    best = min(evals, key=lambda r: r["eval/val_chamfer"])
+    assert ck["step"] == best["step"] and ck["val_scans"] == 1
+    cfg, _, student, times, held = DPO.load(run)
+    train, val = DPO.split_validation(split_pairs(cfg.teacher)[0], 1)
+    assert len(train.offsets) == 1 and len(held.offsets) == 2  # the test street is untouched
+    # the saved weights are the chosen checkpoint's: they reproduce its validation Chamfer
+    assert DPO.val_chamfer(cfg, student, times, val) == pytest.approx(ck["val_chamfer"], rel=1e-5)

@@ -469,3 +469,41 @@ def test_student_pairs_can_share_a_scaled_noise():
     torch.testing.assert_close(b, 1.1 * a)
     a, b = pair(0.0)
     assert not torch.allclose(b, 1.1 * a) and not torch.allclose(a, b)
+
+
+def test_distillation_dpo_can_rank_finished_samples():
+    """``rank="finished"`` ranks and trains on the samples the student's sampler returns
+    (Distillation-DPO's code, gradient through the last step: ``p_sample_with_final_step_grad``);
+    the default ranks the x0-predictions at a random step. A toy x0-student whose prediction
+    depends on the step time tells them apart."""
+    from fewstep.core.objectives.preference import finished_samples
+
+    net = nn.Linear(2, 2)
+    student = ModuleDenoiser(net, make_path("rectified_flow"), "x0")
+    student.forward = lambda x, t, cond=None: net(x) + 3 * t[:, None]  # x0-pred depends on t
+    times = (1.0, 0.5, 0.2)
+    seen = []
+
+    def reward(x0, cond):
+        seen.append(x0.detach().clone())
+        return x0[:, 1]
+
+    def batch():
+        return Batch(torch.zeros(4, 2), None, StepRNG(0, 3, 0, 4, 0, 4, "cpu"))
+
+    want, _ = finished_samples(student, FewStepSampler(times), batch(), copies=2)
+    for rank in ("finished", "prediction"):
+        cfg = ddpo_mod.DistillationDPOConfig(
+            student_steps=len(times), student_times=times, rank=rank
+        )
+        x_w, x_l, _, _ = DistillationDPO(student, cfg, reward=reward).pairs(student, batch())
+        if rank == "prediction":
+            assert not torch.allclose(seen[-1], want)  # a random step's predictions
+            continue
+        torch.testing.assert_close(seen[-1], want)  # same draws: the very same samples
+        assert torch.allclose(torch.cat([x_w, x_l]).detach().sort(0).values, want.sort(0).values)
+        net.zero_grad()
+        (x_w.sum() + x_l.sum()).backward()
+        assert net.weight.grad.abs().sum() > 0  # gradient through the last step
+    with pytest.raises(ValueError, match="rank must be"):
+        DistillationDPO(student, ddpo_mod.DistillationDPOConfig(rank="best"), reward=reward)

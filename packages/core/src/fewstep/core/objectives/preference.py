@@ -82,6 +82,7 @@ def student_pairs(
     batch: Batch,
     backward_simulation: bool = True,
     shared_noise_scale: float = 0.0,
+    finished: bool = False,
 ) -> tuple[Tensor, Tensor, Any]:
     """Two student samples per condition: (x (2B, ...), t (2B,), cond repeated twice). Rows
     i and B + i form pair i. With gradient when enabled. The two start noises are independent,
@@ -89,7 +90,11 @@ def student_pairs(
     code pairs ``noise`` with ``1.1 * noise``).
 
     As ``common.student_x0``: a multi-step student predicts from its own state at a random one
-    of its steps (shared by the batch), reached without gradient (DMD2 backward simulation)."""
+    of its steps (shared by the batch), reached without gradient (DMD2 backward simulation).
+    ``finished``: always its last step instead, so ``x`` is the finished sample the sampler
+    returns, with gradient through the last step only (Distillation-DPO's code,
+    ``p_sample_with_final_step_grad``: pairs of complete completions are ranked and the loss
+    is taken at them)."""
     shape = sample_shape(batch)
     first, second = batch.rng.randn(*shape), batch.rng.randn(*shape)
     if shared_noise_scale > 0:
@@ -97,7 +102,12 @@ def student_pairs(
     noise = torch.cat([first, second])
     cond = repeat_cond(batch.cond)
     times = sampler.native_times(student.path)
-    k = batch.rng.shared_randint(0, len(times)) if len(times) > 1 and backward_simulation else 0
+    if finished:
+        k = len(times) - 1
+    elif len(times) > 1 and backward_simulation:
+        k = batch.rng.shared_randint(0, len(times))
+    else:
+        k = 0
 
     def fresh(like):
         return torch.cat([batch.rng.randn_like(h) for h in like.chunk(2)]).to(like)
