@@ -3,15 +3,17 @@ direction.
 
 VDOT (Wang et al. 2025, arXiv 2512.06802) distils one student that generates under several
 kinds of condition. At moving-digits scale the second condition is the motion direction of the
-clip's first digit (``evaluate.direction_bin`` of its initial velocity: right, down, left,
-up; digits bounce off the borders, so it is the direction the clip starts with), which the
-video classifier's direction head can check on generated videos.
+clip's first digit (``evaluate.direction_bin`` of its velocity: right, down, left, up), which
+a video classifier trained on the same motion checks on generated videos. The fine-tuning
+clips move slowly from the wall behind the motion, without a bounce
+(``TwoConditionTeacherConfig.speed`` / ``start``), so the direction shows in every frame.
 
 ``VideoDiT`` takes one label per clip, so the condition pair is fed through its label input
 without editing it: ``TwoConditionNet`` encodes (digit, direction) as one joint index and
 replaces the DiT's label table by ``PairEmbedding``, which decodes the index and sums a digit
 embedding (the class teacher's own table) and a direction embedding (zero-initialised, so the
-two-condition model starts as the class teacher). Conditions are (B, 2) long tensors
+two-condition model starts as the class teacher, and scaled by ``DIRECTION_GAIN`` so that it
+can grow to the digit table's scale). Conditions are (B, 2) long tensors
 ``[digit, direction]``; (10, 4) is the null pair of classifier-free guidance.
 
 The two-condition teacher is the cached class teacher fine-tuned on (clip, digit, direction)
