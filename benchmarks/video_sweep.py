@@ -33,6 +33,7 @@ _PAIR_COLS = [f"{who}_{k}" for who in ("student", "teacher")
 
 _PLAIN_CD = "--mcm.motion raw --mcm.adv_weight 0 --mcm.mix_ratio 0"
 _T4000 = "--teacher.steps 4000 --teacher.lr 1e-3"
+_TEACHER_D = "--train.steps 2000 --mcm.disc_backbone teacher --mcm.gp_weight 0"
 
 # sweep -> (recipe, columns, {variant: extra CLI arguments, split at spaces})
 SWEEPS: dict[str, tuple[str, list[str], dict[str, str]]] = {
@@ -49,6 +50,11 @@ SWEEPS: dict[str, tuple[str, list[str], dict[str, str]]] = {
                               "--train.steps 2000",
         "cfg2-plain-cd-2000": f"{_PLAIN_CD} --train.steps 2000 --guidance 2",
         "cfg2-bce-0.003-2000": "--mcm.adv_weight 0.003 --train.steps 2000 --guidance 2",
+        # a head on the frozen teacher's DiT features instead of the pixel CNN (2,000 steps)
+        "teacher-d-0.003": f"{_TEACHER_D} --mcm.adv_weight 0.003",
+        "teacher-d-0.01": f"{_TEACHER_D} --mcm.adv_weight 0.01",
+        "teacher-d-0.03": f"{_TEACHER_D} --mcm.adv_weight 0.03",
+        "teacher-d-depth4-0.01": f"{_TEACHER_D} --mcm.adv_weight 0.01 --mcm.disc_depth 4",
     }),
     "vdot": ("video-vdot", [*_PAIR_COLS, "student_direction_accuracy",
                             "teacher_direction_accuracy", "reference_direction_accuracy"], {

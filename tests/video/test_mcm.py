@@ -3,6 +3,7 @@ references), the consistency distance acting on the motion representation inside
 objective, the frame discriminator's loss signs and gradient penalty, TSN frame sampling,
 mixed trajectories, and clear errors."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -25,6 +26,7 @@ from fewstep.video.mcm import (
     FrameDiscriminator,
     MCMLossConfig,
     MCMObjective,
+    TeacherFeatureDiscriminator,
     butterworth_lowpass,
     get_motion,
     gradient_penalty,
@@ -286,6 +288,35 @@ def test_segment_frames_picks_one_frame_per_segment():
 def test_discriminator_rejects_videos():
     with pytest.raises(ValueError, match=r"frames \(N, C, H, W\)"):
         FrameDiscriminator(C)(torch.randn(B, T, C, H, W))
+
+
+def test_teacher_feature_discriminator_trains_only_its_head(tiny_teacher):
+    """disc_backbone "teacher": a head on the frozen teacher's DiT tokens. Only the head is
+    trained (the trainer's optimisers take parameters with gradient), the teacher's copy does
+    not move, and the generator loss reaches the student through the frozen features."""
+    teacher, clips = tiny_teacher
+    real = torch.rand(16, C, H, W) * 2 - 1
+    cfg = MCMLossConfig(adv_weight=0.5, gp_weight=0.0, disc_backbone="teacher", disc_depth=1)
+    obj = MCMObjective(teacher, cfg, real_frames=real)
+    roles = obj.build_roles(trainable_copy(teacher), _batch(clips[:B]))
+    disc = roles["discriminator"]
+    assert isinstance(disc, TeacherFeatureDiscriminator)
+    trained = {n for n, p in disc.named_parameters() if p.requires_grad}
+    assert trained == {"head.weight", "head.bias"}
+    tokens = teacher.net.grid[0] * teacher.net.grid[1] * teacher.net.grid[2]
+    assert disc(real[:3]).shape == (3, tokens)
+    frames = real[:2].clone().requires_grad_(True)  # the generator's signal: d logits / d frames
+    (g,) = torch.autograd.grad(disc(frames).sum(), frames)
+    assert g.abs().sum() > 0
+    losses, _ = obj.losses(roles, _batch(clips[:B]), obj.schedule(0), 0)
+    assert set(losses) == {"student", "discriminator"}
+    for a, b in zip(disc.backbone.parameters(), teacher.net.parameters(), strict=True):
+        assert a is not b and torch.equal(a, b)  # a copy, equal to the teacher
+    with pytest.raises(ValueError, match="disc_depth"):
+        MCMObjective(teacher, dataclasses.replace(cfg, disc_depth=5), real_frames=real
+                     ).build_roles(trainable_copy(teacher), _batch(clips[:B]))  # fmt: skip
+    with pytest.raises(ValueError, match="disc_backbone"):
+        MCMObjective(teacher, dataclasses.replace(cfg, disc_backbone="dino"), real_frames=real)
 
 
 # ------------------------------------------------------------------------ mixed trajectories

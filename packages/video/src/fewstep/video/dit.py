@@ -189,7 +189,11 @@ class VideoDiT(nn.Module):
         x = tokens.reshape(b, gt, gh, gw, c, pt, ph, pw).permute(0, 1, 5, 4, 2, 6, 3, 7)
         return x.reshape(b, gt * pt, c, gh * ph, gw * pw)
 
-    def forward(self, x: Tensor, time: Tensor, labels: Tensor | None = None) -> Tensor:
+    def tokens(
+        self, x: Tensor, time: Tensor, labels: Tensor | None = None, upto: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(tokens (B, N, dim) in patch order after the first ``upto`` blocks (None: all),
+        conditioning vector c (B, dim))."""
         cfg = self.cfg
         if tuple(x.shape[1:]) != (cfg.frames, cfg.channels, cfg.size, cfg.size):
             raise ValueError(
@@ -204,10 +208,14 @@ class VideoDiT(nn.Module):
             c = c + self.label(labels.long())
         if self.order is not None:
             h = h[:, self.order]
-        for block in self.blocks:
+        for block in self.blocks[:upto]:
             h = block(h, c, self.grid, self.sparse)
         if self.order is not None:
             h = h[:, self.order_inv]
+        return h, c
+
+    def forward(self, x: Tensor, time: Tensor, labels: Tensor | None = None) -> Tensor:
+        h, c = self.tokens(x, time, labels)
         shift, scale = self.final_ada(c).chunk(2, -1)
         return self.unpatchify(self.head(_modulate(self.final_norm(h), shift, scale)))
 

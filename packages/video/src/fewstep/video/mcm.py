@@ -28,8 +28,9 @@ changes:
 
 Differences from the paper, by necessity of the domain: our teacher is a pixel-space DiT, so
 the motion representations act on pixels rather than VAE latents; the discriminator is a small
-CNN on raw frames trained from scratch, not DINO features with text-conditioned heads; the
-paper's learnable "spatial head" representation is not included.
+CNN on raw frames trained from scratch, or (``disc_backbone = "teacher"``) a trained head on
+the frozen features of the teacher's first DiT blocks, not DINO features with
+text-conditioned heads; the paper's learnable "spatial head" representation is not included.
 
 Shapes: videos are (B, T, C, H, W); frames (N, C, H, W).
 """
@@ -50,6 +51,7 @@ from fewstep.core.objectives.common import (
     gan_discriminator_loss,
     gan_generator_loss,
     noised,
+    unguided,
 )
 from fewstep.core.objectives.consistency import (
     ConsistencyConfig,
@@ -200,6 +202,37 @@ class FrameDiscriminator(nn.Module):
         return self.net(frames.float()).flatten(1)
 
 
+class TeacherFeatureDiscriminator(nn.Module):
+    """Frames (N, C, H, W) -> (N, P) token logits from frozen features: each frame as a static
+    clip through the first ``depth`` blocks of a frozen copy of the video teacher's DiT (time
+    0, no label), then a trained head (LayerNorm without affine, linear) per token. Our
+    stand-in for MCM's frozen DINO features: features learnt on other data and frozen, so the
+    critic judges what they encode rather than any pixel statistic (LADD, Sauer et al. 2024,
+    likewise puts trained heads on its teacher's features). Real and fake frames are both
+    static clips, so motion is no cue."""
+
+    def __init__(self, dit: nn.Module, depth: int):
+        super().__init__()
+        if not 1 <= depth <= len(dit.blocks):
+            raise ValueError(f"disc_depth must be in [1, {len(dit.blocks)}], got {depth}")
+        self.backbone = frozen_copy(dit)
+        self.depth = depth
+        self.norm = nn.LayerNorm(dit.cfg.dim, elementwise_affine=False)
+        self.head = nn.Linear(dit.cfg.dim, 1)
+
+    def forward(self, frames: Tensor) -> Tensor:
+        if frames.ndim != 4:
+            raise ValueError(f"expected frames (N, C, H, W), got {tuple(frames.shape)}")
+        n, frames_per_clip = len(frames), self.backbone.cfg.frames
+        clips = frames[:, None].expand(n, frames_per_clip, *frames.shape[1:])
+        zero = torch.zeros(n, device=frames.device)
+        h, _ = self.backbone.tokens(clips, zero, None, self.depth)
+        return self.head(self.norm(h)).squeeze(-1)
+
+
+DISC_BACKBONES = ("pixels", "teacher")
+
+
 # GAN losses as in MCM main.py steps 10.2 (generator) and 12 (discriminator); logits are D's.
 def wgan_generator(fake: Tensor) -> Tensor:
     return -fake.mean()
@@ -259,6 +292,10 @@ class MCMLossConfig(ConsistencyConfig):
     gp_weight: float = 1e-5  # gradient-penalty weight of the discriminator (MCM: 1e-5)
     disc_frames: int = 2  # frames per clip shown to the discriminator (TSN; MCM: 2)
     disc_start_step: int = 0  # steps of plain (motion) distillation before the GAN starts
+    # the discriminator: "pixels" (a from-scratch CNN on frames) or "teacher" (a trained head
+    # on the frozen features of the teacher's first ``disc_depth`` DiT blocks)
+    disc_backbone: str = "pixels"
+    disc_depth: int = 2  # "teacher": DiT blocks under the head
     mix_ratio: float = 0.5  # share of trajectories started from the student's generation
 
 
@@ -284,6 +321,7 @@ class MCMObjective(ConsistencyDistillation):
         cfg = self.config
         get_motion(cfg.motion)  # unknown names fail here, listing the choices
         check_choice("gan_loss", cfg.gan_loss, tuple(GAN_LOSSES))
+        check_choice("disc_backbone", cfg.disc_backbone, DISC_BACKBONES)
         check_choice("metric", cfg.metric, ("huber", "l2"))
         if not 0.0 <= cfg.mix_ratio <= 1.0:
             raise ValueError(f"mix_ratio must be in [0, 1], got {cfg.mix_ratio}")
@@ -303,11 +341,11 @@ class MCMObjective(ConsistencyDistillation):
 
     def build_roles(self, student: Denoiser, example) -> dict[str, nn.Module]:
         channels = example.x.shape[2] if example.x is not None else 3
-        return {
-            "student": student,
-            "target": frozen_copy(student),
-            "discriminator": FrameDiscriminator(channels),
-        }
+        if self.config.disc_backbone == "teacher":
+            disc = TeacherFeatureDiscriminator(unguided(self.teacher).net, self.config.disc_depth)
+        else:
+            disc = FrameDiscriminator(channels)
+        return {"student": student, "target": frozen_copy(student), "discriminator": disc}
 
     def schedule(self, step: int) -> list[str]:
         if self.adversarial and step >= self.config.disc_start_step:
