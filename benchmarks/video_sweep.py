@@ -1,11 +1,12 @@
 """Sweep: variants of one video recipe side by side, several processes at a time, one table.
 
     uv run --package fewstep-video python benchmarks/video_sweep.py --sweep mcm \
-        --runs DIR [--parallel 4] [--only NAME ...] [--extra ARG ...]
+        --runs DIR [--parallel 4] [--only NAME ...] [--warm NAME ...] [--extra ARG ...]
 
 Each variant is ``fewstep distill <recipe> --out DIR/<variant> <args>`` in its own process
 (teachers and the classifier come from fewstep's cache, so the variants of a sweep share them;
-a cold cache trains them once per process, so warm it with one variant first). A failed
+a cold cache trains them once per process, so ``--warm`` runs named variants alone first;
+``benchmarks/gpu_video_sweep.sh`` runs every sweep on a GPU machine that way). A failed
 variant is reported with its log's tail; the others go on. Every run's ``metrics.json`` is
 read back and the sweep's columns (dotted paths into it) tabulated; the JSON with every
 variant's full metrics goes to ``--out``. Made for a GPU machine, where a sweep of small
