@@ -296,11 +296,11 @@ def test_teacher_feature_discriminator_trains_only_its_head(tiny_teacher):
     not move, and the generator loss reaches the student through the frozen features."""
     teacher, clips = tiny_teacher
     real = torch.rand(16, C, H, W) * 2 - 1
-    cfg = MCMLossConfig(adv_weight=0.5, gp_weight=0.0, disc_backbone="teacher", disc_depth=1)
+    cfg = MCMLossConfig(adv_weight=0.5, gp_weight=0.0, disc_backbone="teacher")  # depth 0: 1
     obj = MCMObjective(teacher, cfg, real_frames=real)
     roles = obj.build_roles(trainable_copy(teacher), _batch(clips[:B]))
     disc = roles["discriminator"]
-    assert isinstance(disc, TeacherFeatureDiscriminator)
+    assert isinstance(disc, TeacherFeatureDiscriminator) and disc.depth == 1
     trained = {n for n, p in disc.named_parameters() if p.requires_grad}
     assert trained == {"head.weight", "head.bias"}
     tokens = teacher.net.grid[0] * teacher.net.grid[1] * teacher.net.grid[2]

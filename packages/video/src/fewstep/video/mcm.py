@@ -211,12 +211,12 @@ class TeacherFeatureDiscriminator(nn.Module):
     likewise puts trained heads on its teacher's features). Real and fake frames are both
     static clips, so motion is no cue."""
 
-    def __init__(self, dit: nn.Module, depth: int):
+    def __init__(self, dit: nn.Module, depth: int = 0):
         super().__init__()
-        if not 1 <= depth <= len(dit.blocks):
-            raise ValueError(f"disc_depth must be in [1, {len(dit.blocks)}], got {depth}")
+        if not 0 <= depth <= len(dit.blocks):
+            raise ValueError(f"disc_depth must be in [0, {len(dit.blocks)}], got {depth}")
         self.backbone = frozen_copy(dit)
-        self.depth = depth
+        self.depth = depth or max(1, len(dit.blocks) // 2)
         self.norm = nn.LayerNorm(dit.cfg.dim, elementwise_affine=False)
         self.head = nn.Linear(dit.cfg.dim, 1)
 
@@ -295,7 +295,7 @@ class MCMLossConfig(ConsistencyConfig):
     # the discriminator: "pixels" (a from-scratch CNN on frames) or "teacher" (a trained head
     # on the frozen features of the teacher's first ``disc_depth`` DiT blocks)
     disc_backbone: str = "pixels"
-    disc_depth: int = 2  # "teacher": DiT blocks under the head
+    disc_depth: int = 0  # "teacher": DiT blocks under the head (0: half of them, at least 1)
     mix_ratio: float = 0.5  # share of trajectories started from the student's generation
 
 

@@ -5,9 +5,9 @@ The video teacher is trained on LOW-quality moving digits (blur, noise, JPEG, st
 ``moving_digits`` quality "low"); the frame discriminator sees frames of HIGH-quality clips
 drawn with another seed, used as a bag of images (no video of them reaches the student). The
 student, initialised from the teacher, is distilled by ``MCMObjective`` through core's
-``Trainer`` (motion-representation consistency loss on the teacher's ODE, frame GAN (off by
-default, see ``_mcm_loss``), mixed trajectories) and sampled by consistency multistep
-sampling (core's ``FewStepSampler``) at 1, 2 and 4 steps.
+``Trainer`` (motion-representation consistency loss on the teacher's ODE, frame GAN on the
+teacher's frozen features (``_mcm_loss``), mixed trajectories) and sampled by consistency
+multistep sampling (core's ``FewStepSampler``) at 1, 2 and 4 steps.
 
 Evaluation against held-out high-quality clips (a third seed): video and per-frame Fréchet
 distance on fewstep's own video classifier (``evaluate.evaluate_videos``), digit accuracy,
@@ -43,14 +43,16 @@ def _low_quality_teacher() -> VideoTeacherConfig:
 
 
 def _mcm_loss() -> MCMLossConfig:
-    # The frame GAN is off by default: on our from-scratch pixel discriminator (the paper's is
-    # frozen DINO features) it made every student worse. Clipped WGAN at weight 1 (the
-    # paper's) turned the student into a noise generator on the 8-pixel data (4-step FD 230 vs
-    # the teacher's 42); on the 12-pixel low-quality teacher (FD 119) the non-saturating loss
-    # at 0.01 / 0.003 / 0.001 gave 1-step FD 183 / 138 / 147 against 99 without it (2,000
-    # steps, H200 sweep, session 12, benchmarks/results/gpu_video_sweep). Frame differences
-    # and mixed trajectories stay on: the best row of that sweep
-    return MCMLossConfig(adv_weight=0.0, gan_loss="bce")
+    # The frame GAN on frozen features: a trained head on the teacher's first DiT blocks
+    # (``disc_backbone`` "teacher", our stand-in for the paper's frozen DINO) at weight 0.01.
+    # Against no GAN, two training seeds (session 12, BENCHMARKS.md): 1-step FD 98.8 / 96.3 vs
+    # 98.6 / 98.2, 4-step 127.0 / 137.6 vs 137.7 / 140.1, and no over-sharpening at 4 steps
+    # (0.92 / 0.87 of the high-quality clips' Laplacian energy vs 2.41 / 1.92). The pixel CNN
+    # discriminator made every student worse (0.001-0.01: 1-step FD 138-183, H200 sweep);
+    # WGAN at the paper's weight 1 made noise (8-pixel data: 4-step FD 230 vs 42). No
+    # gradient penalty: it serves the WGAN's Lipschitz bound, not the non-saturating loss
+    return MCMLossConfig(adv_weight=0.01, gan_loss="bce", disc_backbone="teacher",
+                         gp_weight=0.0)  # fmt: skip
 
 
 def _train() -> TrainConfig:
@@ -254,6 +256,7 @@ class MCMRecipe:
             "method": self.name, "frames": data.frames, "size": data.size,
             "motion": cfg.mcm.motion, "adv_weight": cfg.mcm.adv_weight,
             "mix_ratio": cfg.mcm.mix_ratio, "gan_loss": cfg.mcm.gan_loss,
+            "disc_backbone": cfg.mcm.disc_backbone,
             "guidance": cfg.guidance, "steps": list(e.steps), "samples": e.samples,
             "reference": f"{len(ref)} high-quality clips, seed {e.reference_seed}",
             "hq_laplacian_energy": hq_sharp, "samplers": rows,
