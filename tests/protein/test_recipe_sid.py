@@ -28,6 +28,8 @@ TINY = [
     "--student-steps", "2", "--train.steps", "3", "--train.batch-size", "4",
     "--eval.samples", "4", "--eval.batch", "4", "--eval.export", "2",
     "--train.progress", "false",
+    "--refine.samples", "4", "--refine.sample-steps", "2", "--refine.steps", "2",
+    "--refine.batch-size", "4", "--refine.max-bond-outliers", "1", "--refine.clash-distance", "0",
 ]  # fmt: skip
 NET = BackboneTransformerConfig(dim=16, pair_dim=8, heads=2, layers=1, cond_dim=16, rbf_bins=8)
 
@@ -52,6 +54,9 @@ def test_distill_writes_student_metrics_and_pdb_files(tmp_path, cache, capsys):
         for key in ("ca_ca_mad", "clash_rate", "rg_ratio", "sse_tv", "novelty_rmsd"):
             assert key in s, key
     assert m["speedup"] > 0
+    # SiD distilled the refined teacher: the filter (relaxed for an untrained tiny teacher)
+    # kept all 4 of its samples, and no real fragments were mixed in (the default)
+    assert m["refine_info"]["kept"] == 4 and m["refine_info"]["real"] == 0
     meta = json.loads((out / "student.json").read_text())
     assert meta["times"] == pytest.approx(paper_times(2)) and meta["noise_scale"] == 0.45
     assert (out / "student.safetensors").exists() and (out / "report.html").exists()

@@ -146,15 +146,19 @@ class FlowMatchingObjective(Objective):
 
 
 def train_teacher(
-    cfg: TeacherConfig, ca: Tensor | None = None, progress: bool = False
+    cfg: TeacherConfig,
+    ca: Tensor | None = None,
+    progress: bool = False,
+    init: BackboneDenoiser | None = None,
 ) -> BackboneDenoiser:
     """Train a teacher with core's Trainer on ``ca`` (N, L, 3) Å fragments (default: the
-    real fragments of ``cfg.length``); returns its EMA weights, frozen, in eval mode."""
-    from fewstep.core.models import frozen_copy
+    real fragments of ``cfg.length``), from ``init``'s weights if given (fine-tuning);
+    returns its EMA weights, frozen, in eval mode."""
+    from fewstep.core.models import frozen_copy, trainable_copy
     from fewstep.core.training import Trainer
 
     ca = load_training_fragments(cfg.length, cfg.stride) if ca is None else ca
-    model = build_denoiser(cfg.model, cfg.seed)
+    model = build_denoiser(cfg.model, cfg.seed) if init is None else trainable_copy(init)
     train = TrainConfig(
         steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
         lr_decay=cfg.lr_decay, ema_decay=cfg.ema_decay, seed=cfg.seed,

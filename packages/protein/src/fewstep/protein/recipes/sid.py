@@ -56,6 +56,7 @@ from fewstep.core.objectives.sid import SiD, SiDConfig
 from fewstep.core.objectives.sida import SiDA, SiDAConfig
 from fewstep.core.training import TrainConfig
 from fewstep.protein.model import ProteinaFlow
+from fewstep.protein.refine import RefineConfig
 from fewstep.protein.teacher import TeacherConfig
 
 # --------------------------------------------------------------------------- objective
@@ -205,6 +206,9 @@ class SiDProteinConfig:
     sampler: str = "noise_modulated"  # student sampler (sampling.STUDENT_SAMPLERS)
     loss_times: LossTimesConfig = field(default_factory=LossTimesConfig)  # generator-loss t
     fake_t_range: tuple[float, float] = (0.02, 0.98)  # fake-score training t (paper tmin, tmax)
+    # SiD's teacher: the base teacher fine-tuned on its own plausible low-temperature samples
+    # (``refine``; the base teacher stays the reference in the evaluation)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     train: TrainConfig = field(default_factory=_train)  # distillation loop
     eval: EvalConfig = field(default_factory=EvalConfig)  # sampling and metrics
     threads: int = 1  # torch CPU threads (0 = torch's default)
@@ -277,6 +281,7 @@ class SIDRecipe:
         from fewstep.core.io import atomic_write_json
         from fewstep.core.models import trainable_copy
         from fewstep.core.training import Trainer
+        from fewstep.protein.refine import load_refined_teacher
         from fewstep.protein.teacher import (
             AugmentedFragments,
             load_teacher,
@@ -289,11 +294,14 @@ class SIDRecipe:
         out_dir = Path(out_dir)
         teacher, tinfo = load_teacher(cfg.teacher, progress=cfg.train.progress)
         ca = load_training_fragments(cfg.teacher.length, cfg.teacher.stride)
-        objective = self.build_objective(cfg, obj_cfg, teacher)
+        target, rinfo = teacher, None  # what SiD distils and the student starts from
+        if cfg.refine.enabled:
+            target, rinfo = load_refined_teacher(cfg.teacher, cfg.refine, cfg.train.progress)
+        objective = self.build_objective(cfg, obj_cfg, target)
         t0 = time.perf_counter()
         trainer = Trainer(
             objective,
-            trainable_copy(teacher),
+            trainable_copy(target),
             AugmentedFragments(ca),  # SiD: only the sample shape; SiDA: the real fragments
             cfg.train,
             out_dir,
@@ -311,7 +319,7 @@ class SIDRecipe:
         }
         self._save(out_dir, student, meta)
         metrics = self._evaluate(cfg, teacher.cpu(), student.eval(), meta, ca, out_dir)
-        metrics.update(teacher_info=tinfo, train_seconds=train_seconds)
+        metrics.update(teacher_info=tinfo, refine_info=rinfo, train_seconds=train_seconds)
         atomic_write_json(out_dir / "metrics.json", metrics)
         self.report(out_dir)
         return {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
