@@ -112,6 +112,33 @@ def seed_rows(runs: dict[str, Path], student_times: list[float], seeds: list[int
     return out
 
 
+def pair_diagnostics(run_dir: Path) -> dict:
+    """How informative the DPO run's ranked pairs were: their reward gaps (Chamfer, metres)
+    and the implicit-reward margins of the auxiliary scores (``pairs.json`` of the run).
+    ``margin_agree`` = P(m > 0), about 1/2 while the winners' and losers' scores cannot tell
+    the two apart; ``corr_gap_margin`` near 0 while the margin ignores how clear a pair is."""
+    import numpy as np
+
+    file = run_dir / "pairs.json"
+    if not file.is_file():
+        return {}
+    gm = np.array(json.loads(file.read_text())["gap_margin"], dtype=float)
+    gap, margin = gm[:, 0], gm[:, 1]
+    log = json.loads((run_dir / "metrics.json").read_text())["train_log"]
+    weight = [r["dpo_weight"] for r in log if "dpo_weight" in r]
+    return {
+        "pairs": len(gap),
+        "gap_mean": float(gap.mean()),
+        "gap_median": float(np.median(gap)),
+        "margin_mean": float(margin.mean()),
+        "margin_sd": float(margin.std()),
+        "margin_agree": float((margin > 0).mean()),
+        "corr_gap_margin": float(np.corrcoef(gap, margin)[0, 1]),
+        "logistic_weight_min": min(weight),
+        "logistic_weight_max": max(weight),
+    }
+
+
 def seed_table(per_scan: dict, seeds: list[int]) -> list[dict]:
     """Mean Chamfer per seed, over seeds, and (scan, seed) wins against the teacher row."""
     import numpy as np
@@ -153,6 +180,7 @@ def main() -> None:
         print(f"dmd2 done at {time.time() - t0:.0f} s", flush=True)
         extra_rows = teacher_rows(dirs["distillation_dpo"], dpo["student_times"])
         per_scan = seed_rows(dirs, dpo["student_times"], args.eval_seeds)
+        pairs = pair_diagnostics(dirs["distillation_dpo"])
         run_cfg = json.loads((dirs["distillation_dpo"] / "config.json").read_text())["config"]
         train_steps = run_cfg["train"]["steps"]
     k = len(dpo["student_times"])
@@ -184,6 +212,7 @@ def main() -> None:
         "extra": args.extra,
         "dpo_extra": args.dpo_extra,
         "rows": rows,
+        "pair_diagnostics": pairs,
         "runs": {"distillation_dpo": dpo, "dmd2": dmd},
         "seconds": time.time() - t0,
     }
@@ -199,6 +228,8 @@ def main() -> None:
                 f"{ck['val_chamfer']:.4f} on {ck['val_scans']} scans; init "
                 f"{ck['val_chamfer_init']:.4f})"
             )
+    if pairs:
+        print("DPO pairs: " + ", ".join(f"{k} {v:.4g}" for k, v in pairs.items()))
     print(
         f"\n{dpo['n_scans']} held-out scans, {report['train_steps']} steps; "
         f"{report['seconds']:.0f} s"

@@ -141,3 +141,43 @@ def test_validation_scans_pick_the_best_checkpoint(cache, tmp_path):
     assert len(train.offsets) == 1 and len(held.offsets) == 2  # the test street is untouched
     # the saved weights are the chosen checkpoint's: they reproduce its validation Chamfer
     assert DPO.val_chamfer(cfg, student, times, val) == pytest.approx(ck["val_chamfer"], rel=1e-5)
+
+
+def test_resumed_run_keeps_the_earlier_best_checkpoint(cache, tmp_path, monkeypatch):
+    """The best-on-validation student (step, Chamfer, weights) is saved in the run folder, so a
+    run resumed from its trainer checkpoint still returns the earlier best when no later
+    checkpoint beats it. Validation Chamfer is scripted: steps 1-2 in the first run, 3-4 after
+    resuming; step 1 is the best."""
+    from fewstep.lidar.recipes import dpo as dpo_mod
+    from fewstep.lidar.recipes.dpo import DPO
+
+    # run 1: init, steps 1, 2; run 2: init, steps 3, 4; run 3 (fresh): init, step 1
+    script = iter([1.0, 0.3, 0.9, 1.0, 0.8, 0.7, 1.0, 1.0])
+    prints = []  # a fingerprint of the weights each call scored
+
+    def scripted(self, cfg, model, times, val):
+        prints.append(sum(float(p.double().sum()) for p in model.parameters()))
+        return next(script)
+
+    monkeypatch.setattr(dpo_mod.DPORecipe, "val_chamfer", scripted)
+    run = tmp_path / "resume"
+    every = ["--train.eval_every", "1", "--train.checkpoint_every", "1"]
+    assert _distill(run, *every, "--train.steps", "2") == 0
+    assert (run / dpo_mod.BEST_FILE).is_file()
+    first = json.loads((run / "metrics.json").read_text())["checkpoint"]
+    assert first["step"] == 1 and first["val_chamfer"] == pytest.approx(0.3)
+    assert _distill(run, *every, "--train.steps", "4") == 0  # resumes at step 2
+    m = json.loads((run / "metrics.json").read_text())
+    steps = [r["step"] for r in m["train_log"] if "eval/val_chamfer" in r]
+    # the resumed history, not a fresh run (core's trainer writes its last checkpoint before
+    # the final evaluation, so step 2's record is not in the resumed history)
+    assert steps[0] == 1 and steps[-2:] == [3, 4]
+    assert m["checkpoint"]["step"] == 1 and m["checkpoint"]["val_chamfer"] == pytest.approx(0.3)
+    _, _, student, _, _ = DPO.load(run)
+    saved = sum(float(p.double().sum()) for p in student.parameters())
+    assert saved == pytest.approx(prints[1], rel=1e-6)  # the step-1 weights, not step 4's
+    assert saved != pytest.approx(prints[-1], rel=1e-6)
+    # a fresh run in the same folder (resume off) does not inherit that best
+    assert _distill(run, *every, "--train.steps", "1", "--train.resume", "false") == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["checkpoint"]["step"] == 1 and m["checkpoint"]["val_chamfer"] == pytest.approx(1.0)

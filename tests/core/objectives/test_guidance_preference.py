@@ -349,8 +349,8 @@ def test_sabotage_distillation_dpo_public_code_signs(rf_teacher, tmp_path, monke
     reward instead of raising it."""
     honest = ddpo_mod.dpo_logistic
 
-    def reversed_weight(margin, beta):
-        loss, weight = honest(margin, beta)
+    def reversed_weight(margin, beta, *args, **kwargs):
+        loss, weight = honest(margin, beta, *args, **kwargs)
         return loss, -weight
 
     monkeypatch.setattr(ddpo_mod, "dpo_logistic", reversed_weight)
@@ -507,3 +507,115 @@ def test_distillation_dpo_can_rank_finished_samples():
         assert net.weight.grad.abs().sum() > 0  # gradient through the last step
     with pytest.raises(ValueError, match="rank must be"):
         DistillationDPO(student, ddpo_mod.DistillationDPOConfig(rank="best"), reward=reward)
+
+
+# ------------------------- Distillation-DPO options: best-of-n pairs, gap filter, unscaled beta
+
+
+def _toy_x0_student():
+    """An x0-student whose prediction depends on its input and time (so it has gradient)."""
+    net = nn.Linear(2, 2)
+    student = ModuleDenoiser(net, make_path("rectified_flow"), "x0")
+    student.forward = lambda x, t, cond=None: net(x) + 3 * t[:, None]
+    return student, net
+
+
+def test_distillation_dpo_best_vs_worst_of_n_candidates():
+    """``candidates`` n > 2: the pair is the best and the worst of n completions per condition
+    (the same draws ``student_candidates`` makes), predicted again with gradient; n = 2 keeps
+    ``student_pairs``' draws exactly."""
+    from fewstep.core.objectives.preference import best_worst, student_candidates, student_pairs
+
+    student, net = _toy_x0_student()
+    times = (1.0, 0.5)
+
+    def batch():
+        return Batch(torch.zeros(3, 2), None, StepRNG(0, 5, 0, 3, 0, 3, "cpu"))
+
+    def reward(x0, cond):
+        return x0[:, 1]
+
+    cfg = ddpo_mod.DistillationDPOConfig(student_steps=2, student_times=times, candidates=4)
+    obj = DistillationDPO(student, cfg, reward=reward)
+    x_w, x_l, gap, r = obj.pairs(student, batch())
+    x_t, t, cond = student_candidates(student, FewStepSampler(times), batch(), 4)
+    with torch.no_grad():
+        cands = student.predict(x_t, t, cond, kind="x0").reshape(4, 3, 2)
+    best = cands[cands[..., 1].argmax(0), torch.arange(3)]
+    worst = cands[cands[..., 1].argmin(0), torch.arange(3)]
+    torch.testing.assert_close(x_w.detach(), best)
+    torch.testing.assert_close(x_l.detach(), worst)
+    torch.testing.assert_close(gap, best[:, 1] - worst[:, 1])
+    assert (gap > 0).all() and r.shape == (12,)
+    # wider than a random pair: the first two candidates' gap is never larger
+    assert (gap >= (cands[0, :, 1] - cands[1, :, 1]).abs()).all()
+    net.zero_grad()
+    (x_w.sum() - x_l.sum()).backward()
+    assert net.weight.grad.abs().sum() > 0  # the chosen pair carries gradient
+    w, lo = best_worst(torch.tensor([0.0, 5.0, 2.0, 1.0, -1.0, 3.0]), 3)  # rows j * 2 + i
+    assert w.tolist() == [2, 1] and lo.tolist() == [4, 3]
+    # n = 2: the very draws of student_pairs (defaults unchanged)
+    x2, _, _ = student_pairs(student, FewStepSampler(times), batch())
+    x_t2, t2, c2 = student_candidates(student, FewStepSampler(times), batch(), 2)
+    torch.testing.assert_close(x2, student.predict(x_t2, t2, c2, kind="x0"))
+    with pytest.raises(ValueError, match="candidates"):
+        DistillationDPO(student, ddpo_mod.DistillationDPOConfig(candidates=1), reward=reward)
+    with pytest.raises(ValueError, match="shared_noise_scale"):
+        DistillationDPO(
+            student,
+            ddpo_mod.DistillationDPOConfig(candidates=3, shared_noise_scale=1.1),
+            reward=reward,
+        )
+
+
+def test_distillation_dpo_gap_filter_and_unscaled_beta_in_the_loss():
+    """``pair_weight`` 0 leaves a pair only the DM term (lambda on both halves);
+    ``scale_by_beta=False`` uses c = sigma(-beta m), which stays in (0, 1) for any beta."""
+    g = torch.Generator().manual_seed(1)
+    x_w, x_l = torch.randn(3, 4, 2, generator=g), torch.randn(3, 4, 2, generator=g)
+    rw, fw, rl, fl = (torch.randn(3, 4, 2, generator=g) for _ in range(4))
+    margin, beta, lam = torch.tensor([0.01, -0.02, 0.0]), 100.0, 1.0
+    keep = torch.tensor([1.0, 0.0, 1.0])
+    x_w.requires_grad_(True)
+    x_l.requires_grad_(True)
+    loss, logs = distillation_dpo_loss(
+        x_w, x_l, rw, fw, rl, fl, margin, beta, lam, pair_weight=keep, scale_by_beta=False
+    )
+    loss.backward()
+    c = (torch.sigmoid(-beta * margin) * keep)[:, None, None]
+    for x, real, fake, a in ((x_w, rw, fw, lam - c), (x_l, rl, fl, lam + c)):
+        norm = 1 / (x.detach() - real).abs().mean(dim=(1, 2), keepdim=True)
+        torch.testing.assert_close(x.grad, a * norm * (fake - real) / x.numel())
+    # the filtered pair (row 1): plain DMD on both halves, equal weights
+    assert c[1].item() == 0.0 and 0.0 < c[0].item() < 0.5 < c[2].item() + 1e-6
+    assert logs["margin_agree"] == pytest.approx(1 / 3)
+    m = torch.tensor([-0.03, 0.0, 0.03])
+    _, unscaled = dpo_logistic(m, 100.0, scale_by_beta=False)
+    torch.testing.assert_close(unscaled, torch.sigmoid(-100.0 * m))
+    _, scaled = dpo_logistic(m, 100.0)  # the default keeps DPO's beta sigma(-beta m)
+    torch.testing.assert_close(scaled, 100.0 * unscaled)
+
+
+def test_distillation_dpo_min_gap_drops_near_ties(rf_teacher):
+    """``min_gap`` above every pair's reward gap: no pair keeps a preference weight, and the
+    student loss is the DM term alone; ``min_gap`` 0 keeps every pair."""
+
+    def reward(x0, cond):
+        return x0[:, 1]
+
+    def run(min_gap):
+        obj = DistillationDPO(
+            rf_teacher, ddpo_mod.DistillationDPOConfig(min_gap=min_gap), reward=reward
+        )
+        roles = obj.build_roles(trainable_copy(rf_teacher), make_batch(cond=False))
+        _, logs = obj.losses(roles, make_batch(cond=False), ["student"], 0)
+        return obj, logs
+
+    obj, logs = run(1e9)
+    assert logs["pref_kept"] == 0.0 and logs["dpo_weight"] == 0.0
+    assert len(obj.pair_records) == 6  # (gap, margin) of each ranked pair is recorded
+    gap = max(g for g, _ in obj.pair_records)
+    _, logs = run(0.5 * gap)
+    assert 0.0 < logs["pref_kept"] <= 1.0 and logs["dpo_weight"] > 0.0
+    _, logs = run(0.0)
+    assert "pref_kept" not in logs and logs["dpo_weight"] == pytest.approx(0.5, abs=0.05)

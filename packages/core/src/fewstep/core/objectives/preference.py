@@ -60,20 +60,62 @@ def rank_pairs(x_a: Tensor, x_b: Tensor, r_a: Tensor, r_b: Tensor) -> tuple[Tens
     return torch.where(m, x_a, x_b), torch.where(m, x_b, x_a), a_won
 
 
-def dpo_logistic(margin: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+def dpo_logistic(margin: Tensor, beta: float, scale_by_beta: bool = True) -> tuple[Tensor, Tensor]:
     """DPO's Bradley-Terry loss -log sigma(beta * margin) per pair and its derivative
     magnitude beta * sigma(-beta * margin) (the weight a pair's gradient gets; it vanishes once
     the preferred sample's implicit reward exceeds the other's by a few 1/beta).
 
+    ``scale_by_beta=False`` returns sigma(-beta * margin) instead (in (0, 1), 1/2 at margin 0):
+    beta then only sets how fast the weight fades with the margin, not its size, so a large
+    beta for tiny margins does not also multiply the preference term's weight (DPO's gradient,
+    Rafailov et al. 2023 eq. 7, ties both to beta).
+
     margin: (B,). Returns (loss (B,), weight (B,)); the weight is detached."""
     loss = F.softplus(-beta * margin)
-    weight = (beta * torch.sigmoid(-beta * margin)).detach()
-    return loss, weight
+    weight = torch.sigmoid(-beta * margin).detach()
+    return loss, (beta * weight if scale_by_beta else weight)
 
 
 def per_sample_sq_error(a: Tensor, b: Tensor) -> Tensor:
     """mean over all but the batch dimension of (a - b)^2: (B,)."""
     return (a.float() - b.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def student_candidates(
+    student: Denoiser,
+    sampler: FewStepSampler,
+    batch: Batch,
+    n: int = 2,
+    backward_simulation: bool = True,
+    shared_noise_scale: float = 0.0,
+    finished: bool = False,
+) -> tuple[Tensor, Tensor, Any]:
+    """The states ``n`` student rollouts per condition reach before the step that is ranked,
+    without gradient: (x_t (n B, ...), t (n B,), cond repeated n times); rows j B + i are
+    candidate j of condition i. ``student.predict(x_t, t, cond, kind="x0")`` gives the
+    candidates (see ``student_pairs`` for the step, the noises and ``finished``)."""
+    shape = sample_shape(batch)
+    noises = [batch.rng.randn(*shape) for _ in range(n)]
+    if shared_noise_scale > 0:
+        if n != 2:
+            raise ValueError(f"shared_noise_scale pairs two noises, got {n} candidates")
+        noises[1] = shared_noise_scale * noises[0]
+    noise = torch.cat(noises)
+    cond = repeat_cond(batch.cond, n)
+    times = sampler.native_times(student.path)
+    if finished:
+        k = len(times) - 1
+    elif len(times) > 1 and backward_simulation:
+        k = batch.rng.shared_randint(0, len(times))
+    else:
+        k = 0
+
+    def fresh(like):
+        return torch.cat([batch.rng.randn_like(h) for h in like.chunk(n)]).to(like)
+
+    with torch.no_grad():
+        x_t, t, _ = sampler.rollout(student, noise, cond, upto=k, fresh=fresh)
+    return x_t, t.expand(x_t.shape[0]).to(x_t), cond
 
 
 def student_pairs(
@@ -95,27 +137,22 @@ def student_pairs(
     returns, with gradient through the last step only (Distillation-DPO's code,
     ``p_sample_with_final_step_grad``: pairs of complete completions are ranked and the loss
     is taken at them)."""
-    shape = sample_shape(batch)
-    first, second = batch.rng.randn(*shape), batch.rng.randn(*shape)
-    if shared_noise_scale > 0:
-        second = shared_noise_scale * first
-    noise = torch.cat([first, second])
-    cond = repeat_cond(batch.cond)
-    times = sampler.native_times(student.path)
-    if finished:
-        k = len(times) - 1
-    elif len(times) > 1 and backward_simulation:
-        k = batch.rng.shared_randint(0, len(times))
-    else:
-        k = 0
-
-    def fresh(like):
-        return torch.cat([batch.rng.randn_like(h) for h in like.chunk(2)]).to(like)
-
-    with torch.no_grad():
-        x_t, t, _ = sampler.rollout(student, noise, cond, upto=k, fresh=fresh)
-    t = t.expand(x_t.shape[0]).to(x_t)
+    x_t, t, cond = student_candidates(
+        student, sampler, batch, 2, backward_simulation, shared_noise_scale, finished
+    )
     return student.predict(x_t, t, cond, kind="x0"), t, cond
+
+
+def best_worst(r: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Rows of the best and the worst of ``n`` candidates per condition: r (n B,) rewards laid
+    out as ``student_candidates`` (row j B + i); returns (rows_w (B,), rows_l (B,)). Ties go
+    to the lower candidate index."""
+    if r.ndim != 1 or r.shape[0] % n:
+        raise ValueError(f"best_worst: rewards must be (n B,) with n = {n}, got {tuple(r.shape)}")
+    per = r.reshape(n, -1)  # (n, B)
+    b = per.shape[1]
+    base = torch.arange(b, device=r.device)
+    return per.argmax(dim=0) * b + base, per.argmin(dim=0) * b + base
 
 
 @torch.no_grad()

@@ -29,9 +29,21 @@ Differences from the paper, by necessity or choice:
   completions but training on the same rollouts' random-step predictions measured no
   different from the default ``prediction`` ranking (0.628 both; BENCHMARKS.md), so core
   does not carry that variant.
+- the preference term measures nothing here (session 13, BENCHMARKS.md): two completions of
+  a scan differ by 0.014 m of Chamfer (2.4 %; best vs worst of 4: 0.025 m), and the
+  auxiliary scores, trained on a few hundred of them, do not tell winners from losers (the
+  margin's sign agrees with the label for 42-47 % of pairs), so the logistic weight is a
+  constant (beta 1) or noise (beta 100 with ``beta_scales_weight false``). Best-vs-worst of 4
+  (``candidates 4``), that beta, ``min_gap 0.015``, ``dmd_weight 0.5`` and ``candidates 4``
+  with ``dmd_weight 0.5`` stayed at the DMD2 ablation's validation (0.5804-0.5817 vs 0.5804), test
+  Chamfer (0.620-0.621 vs 0.621); ``dmd_weight 0.5`` at a second training seed: 0.6228 vs
+  DMD2's 0.6206. ``dmd_weight 0`` (preference halves only, the public code's structure) never
+  improved on the init. The defaults stay the paper's (2 candidates, beta 1, dmd_weight 1).
 - checkpoint: the paper keeps every epoch's checkpoint and validates on a held-out sequence;
   here ``val_scans`` training scans are held out of distillation and the best of the
-  checkpoints taken every ``train.eval_every`` steps is kept (never the test street).
+  checkpoints taken every ``train.eval_every`` steps is kept (never the test street). The
+  best (step, validation Chamfer, weights) is written to ``best_val.safetensors`` in the run
+  folder at each new best, so a run resumed from its trainer checkpoint keeps it.
 - the student is sampled with core's few-step sampler (predict x0, re-noise) at the 4 times
   of :data:`STUDENT_TIMES`; the paper trains a one-step DPM-Solver generator and validates it
   with 8 steps and classifier-free guidance 3.5 (``eval.guidance`` applies guidance to both
@@ -193,6 +205,35 @@ class DPOConfig:
             )
 
 
+# the best-on-validation student (weights, step, validation Chamfer) in the run folder, one
+# file written atomically at each new best, so that a resumed run keeps the earlier best
+BEST_FILE = "best_val.safetensors"
+
+
+def save_best(out_dir: Path, best: dict[str, Any]) -> None:
+    """Write ``best`` (``step``, ``val_chamfer``, ``state``: a state dict) atomically."""
+    from safetensors.torch import save
+
+    from fewstep.core.io import atomic_write_bytes
+
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in best["state"].items()}
+    meta = {"step": str(best["step"]), "val_chamfer": repr(float(best["val_chamfer"]))}
+    atomic_write_bytes(Path(out_dir) / BEST_FILE, save(tensors, metadata=meta))
+
+
+def load_best(out_dir: Path) -> dict[str, Any] | None:
+    """The run folder's saved best (as ``save_best`` wrote it), or None."""
+    from safetensors import safe_open
+
+    file = Path(out_dir) / BEST_FILE
+    if not file.is_file():
+        return None
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not iterable)
+    return {"step": int(meta["step"]), "val_chamfer": float(meta["val_chamfer"]), "state": state}
+
+
 def _device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
@@ -321,6 +362,7 @@ class DPORecipe:
                 if ch < best["val_chamfer"]:
                     state = copy.deepcopy(model.state_dict())
                     best.update(step=tr.step, val_chamfer=ch, state=state)
+                    save_best(out_dir, best)
                 return EvalResult({"val_chamfer": ch})
 
         t0 = time.perf_counter()
@@ -333,6 +375,11 @@ class DPORecipe:
             evaluator=evaluator,
             device=_device(cfg.device),
         )
+        if val is not None:
+            if trainer.step > 0:  # resumed from a checkpoint: the best so far stays a candidate
+                best.update(load_best(out_dir) or {})
+            else:  # a fresh run: a best left by an earlier run in this folder is not ours
+                (out_dir / BEST_FILE).unlink(missing_ok=True)
         trainer.fit()
         train_seconds = time.perf_counter() - t0
         student = trainer.ema if trainer.ema is not None else trainer.roles["student"]
@@ -354,6 +401,9 @@ class DPORecipe:
             train_log=trainer.history,
         )
         atomic_write_json(out_dir / "metrics.json", metrics)
+        records = getattr(objective, "pair_records", None)
+        if records:  # (reward gap, margin) of every ranked pair, for diagnosis
+            atomic_write_json(out_dir / "pairs.json", {"gap_margin": records})
         self.report(out_dir)
         return {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
 
