@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import torch
 
 _TINY = (
     "--data.streets 1",
@@ -81,3 +82,39 @@ def test_bad_config_is_a_clear_error(cache, tmp_path, capsys):
     assert _distill(tmp_path / "bad", "--apprentice.lidar-depth", "true") == 2
     assert "camera-only" in capsys.readouterr().err
     assert _distill(tmp_path / "bad2", "--weights.feature", "-1") == 2
+
+
+def test_learning_rate_warms_up_then_decays():
+    from fewstep.lidar.recipes.vcd import Schedule, _lr
+
+    s = Schedule(steps=100, lr=1.0, warmup=10)
+    lrs = [_lr(k, s) for k in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))  # linear rise
+    assert lrs[10] == pytest.approx(1.0) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert 0.05 <= lrs[-1] < 0.06  # cosine down to 5 %
+    assert _lr(0, Schedule(steps=100, lr=1.0)) == pytest.approx(1.0)  # no warm-up
+
+
+def test_validation_streets_are_cut_from_training_and_never_the_test_streets(monkeypatch):
+    from fewstep.lidar.recipes.vcd import VCD, VCDConfig
+
+    with pytest.raises(ValueError, match="val_streets"):
+        VCDConfig(val_streets=8)
+    cfg = VCDConfig(val_streets=1)
+    per = cfg.data.samples_per_street
+    fake = {"rgb": torch.arange(cfg.data.streets * per)}  # training samples in street order
+
+    import fewstep.lidar.detection_data as dd
+
+    calls = []
+
+    def load(data_cfg, split):
+        calls.append(split)
+        return fake
+
+    monkeypatch.setattr(dd, "load_split", load)
+    train, val = VCD._data(cfg)
+    assert calls == ["train"]  # the test streets are not even loaded
+    assert train["rgb"].tolist() == list(range((cfg.data.streets - 1) * per))
+    assert val["rgb"].tolist() == list(range((cfg.data.streets - 1) * per, cfg.data.streets * per))

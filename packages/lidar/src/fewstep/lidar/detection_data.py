@@ -45,6 +45,9 @@ from fewstep.lidar.scenes import Piece, Scene, SceneConfig, make_street, o3d_mod
 from fewstep.lidar.sensor import LidarConfig, drive, scan
 
 TICK_HZ = 10.0  # ego poses and scene times advance in 0.1 s ticks (KITTI's 10 Hz)
+# Part of the cache key of a split: bump it when this module, camera.py, scenes.py or sensor.py
+# change the frames a config gives, so older cached frames are not reused
+DATA_CODE_VERSION = 1
 
 
 def _scene() -> SceneConfig:
@@ -284,7 +287,8 @@ def load_split(cfg: DetectionDataConfig, split: str) -> dict[str, Tensor]:
 
     from fewstep.core.cache import cache_key, cache_root
 
-    key = cache_key({"kind": "lidar-vcd-data", "config": asdict(cfg), "split": split})
+    key = cache_key({"kind": "lidar-vcd-data", "config": asdict(cfg), "split": split,
+                     "code": DATA_CODE_VERSION})  # fmt: skip
     folder = cache_root() / "lidar-vcd-data"
     path = folder / f"{key}.safetensors"
     if path.exists():
