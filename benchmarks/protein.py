@@ -1,6 +1,6 @@
 """Benchmark: the flow-matching CA-backbone teacher (400 Euler steps, as Proteina samples)
 vs SiD few-step students (Xie et al. 2025) at K = 1, 2, 4, 8, 16 steps with noise modulation,
-plus the ``EXTRA`` students (SiDA at K = 16, SiD at K = 20 with more steps).
+plus the ``EXTRA`` students (SiDA at K = 16 / 20, and SiD without teacher refinement).
 
     uv run --package fewstep-protein python benchmarks/protein.py [--samples 64]
 
@@ -9,10 +9,13 @@ MDAnalysisTests; ``fewstep distill protein-sid`` then trains one student per K, 
 does (each K has its own time grid, ``sampling.paper_times``). Every model then samples the
 same number of backbones from the same noise, timed side by side on one thread with the same
 batch, and every metric of ``metrics.evaluate_backbones`` is computed against the training
-fragments. Extra rows, free of training: the 4-step student without noise modulation
-(noise_scale 1: the paper's ablation), the teacher's ODE at 400 steps beside its default
-low-temperature SDE, the teacher's ODE cut to 4 and 16 steps, and the teacher itself run as a
-K = 16 / 32 student (the noise-modulated sampler on its paper grid: every student's start).
+fragments. Students distil the refined teacher (``fewstep.protein.refine``: the teacher
+fine-tuned on its own plausible samples, the recipe default); the reference stays the base
+teacher's 400-step sampler. Extra rows, free of training: the 4-step student without noise
+modulation (noise_scale 1: the paper's ablation), the teacher's ODE at 400 steps beside its
+default low-temperature SDE, the refined teacher's 400-step SDE, the teacher's ODE cut to 4
+and 16 steps, and the base and refined teachers run as K = 16 / 20 / 32 students (the
+noise-modulated sampler on its paper grid: the students' start).
 Writes benchmarks/results/protein.json and prints a markdown table.
 """
 
@@ -40,10 +43,14 @@ TEACHER = [
     "--teacher.sample-mode", "sc", "--teacher.noise-scale", "0.45",
 ]  # fmt: skip
 DISTILL = ["--train.steps", "300", "--train.batch-size", "8", "--train.progress", "false"]
-# further students beside the SiD ones: (run folder, K, extra recipe options, table row)
+# further students beside the SiD ones: (run folder, K, extra recipe options, table row).
+# SiDA on the refined teacher with the recipe's SiDA settings (recipes/sid.py SIDA_CONFIG,
+# SIDA_DEFAULTS: lambda_adv 5e-5, EMA 0.99; K from the row, flags given here win)
+SIDA = ["--objective", "sida"]
 EXTRA = [
-    ("sida_k16", 16, ["--objective", "sida"], "SiDA K=16, noise 0.45"),
-    ("sid_k20_600", 20, ["--train.steps", "600"], "SiD K=20 (600 steps), noise 0.45"),
+    ("sida_k16", 16, SIDA, "SiDA K=16, noise 0.45"),
+    ("sida_k20", 20, SIDA, "SiDA K=20, noise 0.45"),
+    ("sid_k16_base", 16, ["--refine.enabled", "false"], "SiD K=16 from the base teacher"),
 ]
 COLUMNS = {  # table column -> metric key (see fewstep.protein.metrics)
     "NFE": "nfe",
@@ -98,6 +105,7 @@ def main() -> None:
     torch.set_num_threads(1)
     t0 = time.time()
     from fewstep.protein.recipes.sid import SID
+    from fewstep.protein.refine import load_refined_teacher
     from fewstep.protein.teacher import ProteinaSampler
 
     runs: dict[str, dict] = {}
@@ -136,6 +144,10 @@ def main() -> None:
             results["teacher (400 Euler, ODE)"] = evaluate(
                 "teacher ODE", teacher, teacher_sampler(400, "vf"), ca, b, b, args.seed
             )
+        refined, _ = load_refined_teacher(tc, cfg.refine)
+        results[f"refined teacher (400 Euler, {mode})"] = evaluate(
+            "refined teacher", refined, teacher_sampler(400), ca, b, b, args.seed
+        )
         for k in STEPS:
             _, _, student, meta, _ = SID.load(root / f"sid_k{k}")
             sampler = SID.eval_sampler(cfg, meta["times"], meta["noise_scale"])
@@ -150,11 +162,12 @@ def main() -> None:
             _, _, student, meta, _ = SID.load(root / name)
             sampler = SID.eval_sampler(cfg, meta["times"], meta["noise_scale"])
             results[row] = evaluate(name, student, sampler, ca, b, b, args.seed)
-        for k in (16, 32):  # the students' initialisation: the teacher on the student sampler
+        for k in (16, 20, 32):  # the students' start: a teacher on the student sampler
             sampler = SID.eval_sampler(cfg, SID.student_times(cfg, k), cfg.noise_scale)
-            results[f"teacher as K={k} student (no SiD), noise 0.45"] = evaluate(
-                f"teacher K={k} modulated", teacher, sampler, ca, b, b, args.seed
-            )
+            for who, model in (("teacher", teacher), ("refined teacher", refined)):
+                results[f"{who} as K={k} student (no SiD), noise 0.45"] = evaluate(
+                    f"{who} K={k} modulated", model, sampler, ca, b, b, args.seed
+                )
         for n in (4, 16):  # the teacher cut short: the ODE (the SDE's g dt > 1 diverges)
             results[f"teacher ({n} Euler, ODE)"] = evaluate(
                 f"teacher {n}", teacher, teacher_sampler(n, "vf"), ca, b, b, args.seed

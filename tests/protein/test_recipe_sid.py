@@ -235,3 +235,21 @@ def test_distill_sida_end_to_end(tmp_path, cache):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["objective_config"]["disc_head"] == "pooled"
     assert json.loads((out / "metrics.json").read_text())["student"]["nfe"] == 2
+
+
+def test_sida_brings_its_recipe_settings_and_the_user_still_wins(capsys):
+    """``--objective sida`` sets K = 20, EMA 0.99 and lambda_adv 5e-5 (the configuration that
+    met the teacher); plain SiD keeps K = 16 / EMA 0.95; explicit flags override both."""
+
+    def shown(*flags):
+        capsys.readouterr()
+        assert cli.main(["distill", "protein-sid", "--show-config", *flags]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    sida = shown("--objective", "sida")
+    assert sida["config"]["student_steps"] == 20 and sida["config"]["train"]["ema_decay"] == 0.99
+    assert sida["objective_config"]["adv_weight"] == 5e-5
+    sid = shown()
+    assert sid["config"]["student_steps"] == 16 and sid["config"]["train"]["ema_decay"] == 0.95
+    mine = shown("--objective", "sida", "--student-steps", "16", "--train.ema-decay", "0.9")
+    assert mine["config"]["student_steps"] == 16 and mine["config"]["train"]["ema_decay"] == 0.9

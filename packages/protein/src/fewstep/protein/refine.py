@@ -151,7 +151,5 @@ def load_refined_teacher(
         return info
 
     spec = {**teacher_spec(teacher_cfg), "refine": dataclasses.asdict(cfg)}
-    module, info, cached = cached_module(
-        "protein", spec, build_denoiser(teacher_cfg.model), train
-    )
+    module, info, cached = cached_module("protein", spec, build_denoiser(teacher_cfg.model), train)
     return module.eval().requires_grad_(False), {**info, "cached": cached}
