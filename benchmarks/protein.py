@@ -47,10 +47,16 @@ DISTILL = ["--train.steps", "300", "--train.batch-size", "8", "--train.progress"
 # SiDA on the refined teacher with the recipe's SiDA settings (recipes/sid.py SIDA_CONFIG,
 # SIDA_DEFAULTS: lambda_adv 5e-5, EMA 0.99; K from the row, flags given here win)
 SIDA = ["--objective", "sida"]
+SID_ARGS = ["--objective", "sid"]  # the STEPS rows and the base-teacher row: plain SiD
 EXTRA = [
     ("sida_k16", 16, SIDA, "SiDA K=16, noise 0.45"),
     ("sida_k20", 20, SIDA, "SiDA K=20, noise 0.45"),
-    ("sid_k16_base", 16, ["--refine.enabled", "false"], "SiD K=16 from the base teacher"),
+    (
+        "sid_k16_base",
+        16,
+        [*SID_ARGS, "--refine.enabled", "false"],
+        "SiD K=16 from the base teacher",
+    ),
 ]
 COLUMNS = {  # table column -> metric key (see fewstep.protein.metrics)
     "NFE": "nfe",
@@ -116,7 +122,7 @@ def main() -> None:
             if done.exists():  # a kept run folder (--runs): evaluate it again, do not retrain
                 runs[f"K={k}"] = json.loads(done.read_text())
                 continue
-            runs[f"K={k}"] = distill(k, root / f"sid_k{k}", args.samples)
+            runs[f"K={k}"] = distill(k, root / f"sid_k{k}", args.samples, SID_ARGS)
             print(f"distilled K={k} in {runs[f'K={k}']['wall_seconds']:.0f} s", flush=True)
         for name, k, extra, _ in EXTRA:
             done = root / name / "metrics.json"

@@ -26,6 +26,7 @@ TINY = [
     "--teacher.model.layers", "1", "--teacher.model.cond-dim", "16",
     "--teacher.model.rbf-bins", "8",
     "--student-steps", "2", "--train.steps", "3", "--train.batch-size", "4",
+    "--objective.fake-warmup-steps", "1",  # SiDA (the default): the generator trains too
     "--eval.samples", "4", "--eval.batch", "4", "--eval.export", "2",
     "--train.progress", "false",
     "--refine.samples", "4", "--refine.sample-steps", "2", "--refine.steps", "2",
@@ -238,18 +239,23 @@ def test_distill_sida_end_to_end(tmp_path, cache):
 
 
 def test_sida_brings_its_recipe_settings_and_the_user_still_wins(capsys):
-    """``--objective sida`` sets K = 20, EMA 0.99 and lambda_adv 5e-5 (the configuration that
-    met the teacher); plain SiD keeps K = 16 / EMA 0.95; explicit flags override both."""
+    """SiDA (the default objective) sets K = 20, EMA 0.99 and lambda_adv 5e-5 (the
+    configuration that met the teacher); plain SiD keeps K = 16 / EMA 0.95; explicit flags
+    override both."""
 
     def shown(*flags):
         capsys.readouterr()
         assert cli.main(["distill", "protein-sid", "--show-config", *flags]) == 0
         return json.loads(capsys.readouterr().out)
 
-    sida = shown("--objective", "sida")
-    assert sida["config"]["student_steps"] == 20 and sida["config"]["train"]["ema_decay"] == 0.99
+    sida = shown()
+    assert (
+        sida["config"]["objective"] == "sida"
+        and sida["config"]["student_steps"] == 20
+        and sida["config"]["train"]["ema_decay"] == 0.99
+    )
     assert sida["objective_config"]["adv_weight"] == 5e-5
-    sid = shown()
+    sid = shown("--objective", "sid")
     assert sid["config"]["student_steps"] == 16 and sid["config"]["train"]["ema_decay"] == 0.95
     mine = shown("--objective", "sida", "--student-steps", "16", "--train.ema-decay", "0.9")
     assert mine["config"]["student_steps"] == 16 and mine["config"]["train"]["ema_decay"] == 0.9
