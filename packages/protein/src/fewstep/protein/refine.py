@@ -6,13 +6,14 @@ quality comes from its low-temperature sampler: its ODE / temperature-1 samples 
 ~95 % of backbones and have no helices, its sc 0.45 samples in ~44 % with Proteina-like
 helix content (BENCHMARKS.md, "Protein backbones", sessions 11-12). A student that matches
 the scores inherits the temperature-1 defects however long it trains. Fine-tuning the
-teacher on its own filtered low-temperature samples moves its temperature-1 distribution
-towards what its sampler produces, so SiD's target is the distribution users sample.
+teacher on its own filtered low-temperature samples moves it towards what its sampler
+produces, so SiD's target is closer to the distribution users sample (measured: its
+few-step samples gain helices and lose clashes; its ODE samples still clash, BENCHMARKS.md
+session 13).
 
 The protein paper's code distils such a teacher in its rebuttal configuration
-(LY-Xie/SiD_Protein, ``broteina_distillation_filtered.yaml``: a Proteina checkpoint
-fine-tuned on filtered designable samples instead of the base checkpoint); Proteina's own
-models are trained on designability-filtered structures for the same reason. Our filter is
+(LY-Xie/SiD_Protein, ``broteina_distillation_filtered.yaml`` loads a checkpoint named for
+fine-tuning on filtered designable samples instead of the base checkpoint). Our filter is
 the offline geometry we can check on CPU (no clash, bonds near 3.8 Å); with local
 inverse-folding/folding weights (``designability``) a designability filter is the paper's.
 
