@@ -33,8 +33,9 @@ SiD's loss plus an adversarial term whose discriminator is the fake score's enco
 the real training fragments the trainer already draws; the paper's script has the same
 switch, ``--use_sida``); ``ProteinSiDA`` adds nothing to its loss. The transformer's
 "encoder" is its first half (``BackboneDenoiser.features``). It also sets K = 20 and EMA
-0.99 (``SIDA_CONFIG``): the configuration that meets the 400-step teacher at 21x speed, and
-the recipe's default objective; ``--objective sid`` is the paper's plain SiD (K = 16).
+0.99 (``SIDA_CONFIG``): the configuration that matches the 400-step teacher with 20x fewer
+network evaluations (16.5-21x measured), and the recipe's default objective;
+``--objective sid`` is the paper's plain SiD (K = 16).
 
 Before distillation the teacher is refined (``refine.py``: fine-tuned on its own plausible
 low-temperature samples); SiD / SiDA distil the refined teacher, the evaluation compares
@@ -165,12 +166,13 @@ SIDA_DEFAULTS: dict[str, Any] = {
     "fake_warmup_steps": 100,
 }
 
-# Recipe settings that objective sida (the default) brings (the user's flags win). On the refined
-# teacher SiDA is what meets issue 10's target (BENCHMARKS.md, session 13: K = 20, 3 training
-# seeds, 512 samples: clash 0.29-0.39 vs the 400-step teacher's 0.42, SSE TV 0.166 vs 0.19,
-# CA-CA off 0.02-0.03 vs 0.12, Rg 1.13-1.18 vs 1.15, 21x faster); at K = 16 its clash rate
-# (0.50) stays above the teacher's. EMA 0.99 averages over the swings of the adversarial
-# game (samples alternate between compact and spread out every ~100 steps).
+# Recipe settings that objective sida (the default) brings (the user's flags win). On the
+# refined teacher SiDA at K = 20 matches the teacher's geometry and SSE (BENCHMARKS.md,
+# session 13, 3 training seeds, 512 samples: clash 0.29-0.39 vs the 400-step teacher's 0.42,
+# SSE TV 0.166 vs 0.19, CA-CA off 0.02-0.03 vs 0.12, Rg 1.13-1.18 vs 1.15) with 20x fewer
+# network evaluations (16.5-21x timed); at K = 16 its clash rate (0.50) stays above the
+# teacher's. EMA 0.99 averages over the swings of the adversarial game (samples alternate
+# between compact and spread out every ~100 steps).
 SIDA_CONFIG: dict[str, str] = {"student_steps": "20", "train.ema_decay": "0.99"}
 
 
