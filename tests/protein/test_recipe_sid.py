@@ -25,7 +25,7 @@ TINY = [
     "--teacher.model.dim", "16", "--teacher.model.pair-dim", "8", "--teacher.model.heads", "2",
     "--teacher.model.layers", "1", "--teacher.model.cond-dim", "16",
     "--teacher.model.rbf-bins", "8",
-    "--student-steps", "2", "--train.steps", "3", "--train.batch-size", "4",
+    "--student-steps", "2", "--sample-steps", "0", "--train.steps", "3", "--train.batch-size", "4",
     "--objective.fake-warmup-steps", "1",  # SiDA (the default): the generator trains too
     "--eval.samples", "4", "--eval.batch", "4", "--eval.export", "2",
     "--train.progress", "false",
@@ -226,22 +226,42 @@ def test_sida_uses_real_fragments_and_the_fake_score_features():
     assert abs(disc_a - disc_b) > 1e-4
 
 
-def test_distill_sida_end_to_end(tmp_path, cache):
+def test_distill_sida_end_to_end(tmp_path, cache, capsys):
     """``--objective sida`` trains through the CLI with the real fragments and the recipe's
     SiDA defaults (warm-up shortened to fit the tiny run)."""
     out = tmp_path / "sida"
     args = ["distill", "protein-sid", "--out", str(out), *TINY, "--objective", "sida",
-            "--objective.fake-warmup-steps", "1", "--eval.teacher", "false"]  # fmt: skip
+            "--objective.fake-warmup-steps", "1", "--eval.teacher", "false",
+            "--student-steps", "3", "--sample-steps", "2"]  # fmt: skip
     assert cli.main(args) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["objective_config"]["disc_head"] == "pooled"
+    # trained on 3 times, sampled on the first and the last (sampling.thin_times)
+    meta = json.loads((out / "student.json").read_text())
+    assert meta["times"] == pytest.approx(paper_times(3))
+    assert meta["sample_times"] == pytest.approx([paper_times(3)[0], paper_times(3)[2]])
     assert json.loads((out / "metrics.json").read_text())["student"]["nfe"] == 2
+    capsys.readouterr()
+    assert cli.main(["eval", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["student"]["nfe"] == 2
+    assert cli.main(["sample", str(out), "--n", "1", "--steps", "3"]) == 0  # all 3 times
+    with pytest.raises(ValueError, match="inference steps must be in 2..3"):
+        SID.sample(out, 1, None, steps=4)
+
+
+def test_sample_steps_beyond_the_trained_times_are_refused(tmp_path, capsys):
+    """Checked before any teacher trains: the message names the flag and the range."""
+    args = ["distill", "protein-sid", "--out", str(tmp_path / "r"), *TINY, "--sample-steps", "3"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "--sample_steps 3 with --student_steps 2" in err and "must be in 2..2" in err
+    assert not (tmp_path / "r" / "student.safetensors").exists()
 
 
 def test_sida_brings_its_recipe_settings_and_the_user_still_wins(capsys):
-    """SiDA (the default objective) sets K = 20, EMA 0.99 and lambda_adv 5e-5 (the
-    configuration that met the teacher); plain SiD keeps K = 16 / EMA 0.95; explicit flags
-    override both."""
+    """SiDA (the default objective) sets K = 20 sampled on 18 of its times, EMA 0.99 and
+    lambda_adv 5e-5 (the configuration that met the teacher); plain SiD keeps K = 16 on all
+    its times / EMA 0.95; explicit flags override both."""
 
     def shown(*flags):
         capsys.readouterr()
@@ -252,10 +272,12 @@ def test_sida_brings_its_recipe_settings_and_the_user_still_wins(capsys):
     assert (
         sida["config"]["objective"] == "sida"
         and sida["config"]["student_steps"] == 20
+        and sida["config"]["sample_steps"] == 18
         and sida["config"]["train"]["ema_decay"] == 0.99
     )
     assert sida["objective_config"]["adv_weight"] == 5e-5
     sid = shown("--objective", "sid")
     assert sid["config"]["student_steps"] == 16 and sid["config"]["train"]["ema_decay"] == 0.95
+    assert sid["config"]["sample_steps"] == 0
     mine = shown("--objective", "sida", "--student-steps", "16", "--train.ema-decay", "0.9")
     assert mine["config"]["student_steps"] == 16 and mine["config"]["train"]["ema_decay"] == 0.9

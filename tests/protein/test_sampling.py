@@ -15,6 +15,7 @@ from fewstep.protein.sampling import (
     NoiseModulatedSampler,
     make_student_sampler,
     paper_times,
+    thin_times,
 )
 
 
@@ -37,6 +38,22 @@ def test_paper_time_grid():
     assert ts[0] == pytest.approx(10**-0.15) and ts[-1] == pytest.approx(0.01)
     assert paper_times(1) == [0.63]  # one step: t_P = 0.37
     assert all(a > b for a, b in zip(ts, ts[1:], strict=False))
+
+
+def test_thinned_times_keep_the_first_steps_and_the_last():
+    ts = paper_times(20)
+    assert thin_times(ts, 20) == ts
+    assert thin_times(ts, 18) == ts[:17] + [ts[-1]]  # drops 0.0157 and 0.0124
+    assert thin_times(ts, 2) == [ts[0], ts[-1]]
+    assert thin_times([0.63], 1) == [0.63]
+    for bad in (0, 1, 21):
+        with pytest.raises(ValueError, match="inference steps must be in 2..20"):
+            thin_times(ts, bad)
+    # a sampler on the thinned grid evaluates the student once per kept time, in order
+    spy = Spy(torch.zeros(1, 8, 3))
+    out = NoiseModulatedSampler(thin_times(ts, 5), 0.45).sample(spy, torch.randn(2, 8, 3))
+    assert out.nfe == 5
+    assert [t[0].item() for _, t in spy.inputs] == pytest.approx(ts[:4] + [ts[-1]])
 
 
 @pytest.mark.parametrize("scale", [0.0, 0.45, 1.0])

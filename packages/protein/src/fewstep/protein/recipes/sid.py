@@ -173,7 +173,11 @@ SIDA_DEFAULTS: dict[str, Any] = {
 # network evaluations (16.5-21x timed); at K = 16 its clash rate (0.50) stays above the
 # teacher's. EMA 0.99 averages over the swings of the adversarial game (samples alternate
 # between compact and spread out every ~100 steps).
-SIDA_CONFIG: dict[str, str] = {"student_steps": "20", "train.ema_decay": "0.99"}
+SIDA_CONFIG: dict[str, str] = {
+    "student_steps": "20",
+    "sample_steps": "18",
+    "train.ema_decay": "0.99",
+}
 
 
 @dataclass
@@ -220,6 +224,9 @@ class SiDProteinConfig:
     # this CPU budget (27x faster, better bonds, more clashes); K <= 8 students stay broken
     # (sessions 11-13, BENCHMARKS.md). --objective sida sets 20 (SIDA_CONFIG)
     student_steps: int = 16
+    # network evaluations per backbone at inference: 0 = all K trained times; N < K runs the
+    # first N - 1 trained times and the last (``sampling.thin_times``); --objective sida sets 18
+    sample_steps: int = 0
     noise_scale: float = 0.45  # inference-time noise modulation (paper scripts: 0.45)
     train_noise_scale: float = 1.0  # re-noising scale in training rollouts (paper: 1.0)
     sampler: str = "noise_modulated"  # student sampler (sampling.STUDENT_SAMPLERS)
@@ -267,8 +274,16 @@ class SIDRecipe:
 
         return paper_times(cfg.student_steps if steps is None else steps)
 
-    @staticmethod
-    def check(cfg: SiDProteinConfig, obj_cfg: SiDConfig) -> None:
+    @classmethod
+    def inference_times(cls, cfg: SiDProteinConfig) -> list[float]:
+        """The times the student samples on: ``sample_steps`` of its trained times."""
+        from fewstep.protein.sampling import thin_times
+
+        times = cls.student_times(cfg)
+        return thin_times(times, cfg.sample_steps or len(times))
+
+    @classmethod
+    def check(cls, cfg: SiDProteinConfig, obj_cfg: SiDConfig) -> None:
         """Clear errors for settings this recipe owns (before any training starts)."""
         if obj_cfg.student_times:
             raise ValueError(
@@ -277,6 +292,13 @@ class SIDRecipe:
             )
         if cfg.student_steps < 1:
             raise ValueError(f"--student_steps must be >= 1, got {cfg.student_steps}")
+        try:
+            cls.inference_times(cfg)
+        except ValueError as e:
+            raise ValueError(
+                f"--sample_steps {cfg.sample_steps} with --student_steps {cfg.student_steps}: "
+                f"{e} (0 = all of them; --objective sida sets 18 for its K = 20)"
+            ) from None
 
     def build_objective(self, cfg: SiDProteinConfig, obj_cfg: SiDConfig, teacher) -> ProteinSiD:
         from fewstep.protein.sampling import make_student_sampler
@@ -333,7 +355,8 @@ class SIDRecipe:
         train_seconds = time.perf_counter() - t0
         student = (trainer.ema if trainer.ema is not None else trainer.roles["student"]).cpu()
         meta = {
-            "times": self.student_times(cfg),
+            "times": self.student_times(cfg),  # trained
+            "sample_times": self.inference_times(cfg),
             "noise_scale": cfg.noise_scale,
             "sampler": cfg.sampler,
             "length": cfg.teacher.length,
@@ -388,7 +411,8 @@ class SIDRecipe:
         from fewstep.protein.teacher import teacher_sampler
 
         ev, length = cfg.eval, cfg.teacher.length
-        models = {"student": (student, self.eval_sampler(cfg, meta["times"], meta["noise_scale"]))}
+        sampler = self.eval_sampler(cfg, saved_sample_times(meta), meta["noise_scale"])
+        models = {"student": (student, sampler)}
         if ev.teacher:
             gen = torch.Generator().manual_seed(ev.seed + 2)
             models["teacher"] = (teacher, teacher_sampler(cfg.teacher, gen))
@@ -420,10 +444,12 @@ class SIDRecipe:
     # --- CLI commands -------------------------------------------------------------------
     def sample(self, run_dir: Path, n: int, out: Path | None, steps: int | None = None) -> Path:
         """Write ``n`` student backbones as PDB files into ``out`` (a folder; default
-        ``run_dir/samples_<n>``). ``steps`` other than the trained K uses the paper's grid
-        for that K (a student is trained for its own grid; other K are off-distribution)."""
+        ``run_dir/samples_<n>``). ``steps``: network evaluations, ``steps`` of the trained
+        times (``sampling.thin_times``; default: the run's ``sample_steps``)."""
+        from fewstep.protein.sampling import thin_times
+
         cfg, _, student, meta, _ = self.load(run_dir)
-        times = meta["times"] if steps is None else self.student_times(cfg, steps)
+        times = saved_sample_times(meta) if steps is None else thin_times(meta["times"], steps)
         sampler = self.eval_sampler(cfg, times, meta["noise_scale"])
         with torch.no_grad():
             x, _ = self.generate(sampler, student, n, cfg.teacher.length, cfg.eval.batch, 0)
@@ -455,6 +481,11 @@ class SIDRecipe:
         if files:
             rep.add_text("Exported structures", "\n".join(f.name for f in files))
         return rep.write()
+
+
+def saved_sample_times(meta: dict) -> list[float]:
+    """The inference times a run saved (runs before ``sample_steps``: the trained times)."""
+    return meta.get("sample_times", meta["times"])
 
 
 def _nfe(sampler, model) -> int:
