@@ -1,6 +1,7 @@
 """Benchmark: the flow-matching CA-backbone teacher (400 Euler steps, as Proteina samples)
 vs SiD few-step students (Xie et al. 2025) at K = 1, 2, 4, 8, 16 steps with noise modulation,
-plus the ``EXTRA`` students (SiDA at K = 16 / 20, and SiD without teacher refinement).
+plus the ``EXTRA`` students (SiDA at K = 16 / 20, and SiD without teacher refinement) and
+the SiDA K = 20 student on 18 of its times (``THINNED``: the recipe's default).
 
     uv run --package fewstep-protein python benchmarks/protein.py [--samples 64]
 
@@ -45,8 +46,9 @@ TEACHER = [
 DISTILL = ["--train.steps", "300", "--train.batch-size", "8", "--train.progress", "false"]
 # further students beside the SiD ones: (run folder, K, extra recipe options, table row).
 # SiDA on the refined teacher with the recipe's SiDA settings (recipes/sid.py SIDA_CONFIG,
-# SIDA_DEFAULTS: lambda_adv 5e-5, EMA 0.99; K from the row, flags given here win)
-SIDA = ["--objective", "sida"]
+# SIDA_DEFAULTS: lambda_adv 5e-5, EMA 0.99; K from the row, flags given here win; sampled on
+# all K times here, the THINNED rows sample on fewer)
+SIDA = ["--objective", "sida", "--sample-steps", "0"]
 SID_ARGS = ["--objective", "sid"]  # the STEPS rows and the base-teacher row: plain SiD
 EXTRA = [
     ("sida_k16", 16, SIDA, "SiDA K=16, noise 0.45"),
@@ -58,6 +60,8 @@ EXTRA = [
         "SiD K=16 from the base teacher",
     ),
 ]
+# students sampled on N of their trained times (sampling.thin_times): (run folder, N, row)
+THINNED = [("sida_k20", 18, "SiDA K=20 on 18 of its times (recipe default)")]
 COLUMNS = {  # table column -> metric key (see fewstep.protein.metrics)
     "NFE": "nfe",
     "samples/s": "samples_per_second",
@@ -112,6 +116,7 @@ def main() -> None:
     t0 = time.time()
     from fewstep.protein.recipes.sid import SID
     from fewstep.protein.refine import load_refined_teacher
+    from fewstep.protein.sampling import thin_times
     from fewstep.protein.teacher import ProteinaSampler
 
     runs: dict[str, dict] = {}
@@ -168,6 +173,10 @@ def main() -> None:
             _, _, student, meta, _ = SID.load(root / name)
             sampler = SID.eval_sampler(cfg, meta["times"], meta["noise_scale"])
             results[row] = evaluate(name, student, sampler, ca, b, b, args.seed)
+        for name, n, row in THINNED:
+            _, _, student, meta, _ = SID.load(root / name)
+            sampler = SID.eval_sampler(cfg, thin_times(meta["times"], n), meta["noise_scale"])
+            results[row] = evaluate(f"{name} on {n}", student, sampler, ca, b, b, args.seed)
         for k in (16, 20, 32):  # the students' start: a teacher on the student sampler
             sampler = SID.eval_sampler(cfg, SID.student_times(cfg, k), cfg.noise_scale)
             for who, model in (("teacher", teacher), ("refined teacher", refined)):

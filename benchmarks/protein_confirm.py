@@ -1,9 +1,10 @@
 """Confirm the protein rows that decide issue 10's target: more samples at a fresh noise seed
 for the teacher's 400-step sampler and chosen students of a ``benchmarks/protein.py --runs``
 folder, then a timing pass that samples one batch with each model in turn, several rounds
-(so teacher and students see the same machine load). A student's speed-up is the median
-over rounds of (teacher seconds / student seconds in that round), with the lowest and
-highest round beside it; a round's ratio compares runs minutes apart, not hours.
+(so teacher and students see the same machine load; every other round in reverse order). A
+student's speed-up is the median over rounds of (teacher seconds / student seconds in that
+round), with the lowest and highest round beside it; a round's ratio compares runs minutes
+apart, not hours.
 
     python benchmarks/protein_confirm.py RUNS [--samples 512] [--seed 777] [--rounds 5]
         [--students sida_k20:18 sida_k20 sida_k16 sid_k16 sid_k16_base]
@@ -28,7 +29,7 @@ from report_io import write_json
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", type=Path, help="run folders of benchmarks/protein.py --runs")
-    ap.add_argument("--samples", type=int, default=512)
+    ap.add_argument("--samples", type=int, default=512, help="0: timing only")
     ap.add_argument("--seed", type=int, default=777, help="sampling noise")
     ap.add_argument("--rounds", type=int, default=5, help="timing rounds (one batch each)")
     ap.add_argument("--batch", type=int, default=64)
@@ -56,17 +57,16 @@ def main() -> None:
         times = thin_times(meta["times"], int(steps)) if steps else saved_sample_times(meta)
         models[name] = (student, SID.eval_sampler(cfg, times, meta["noise_scale"]))
     torch.set_num_threads(1)  # after SID.load, which applies the run's thread setting
-    results = {}
-    for name, (model, sampler) in models.items():
+    results: dict[str, dict] = {name: {"nfe": _nfe(s, m)} for name, (m, s) in models.items()}
+    for name, (model, sampler) in models.items() if args.samples else ():  # 0: timing only
         x, _ = SID.generate(sampler, model, args.samples, ca.shape[1], args.batch, args.seed)
         m = evaluate_backbones(x, ca)
-        results[name] = {k: v for k, v in m.items() if isinstance(v, (int, float))}
-        results[name]["nfe"] = _nfe(sampler, model)
+        results[name].update({k: v for k, v in m.items() if isinstance(v, (int, float))})
         print(name, {k: round(m[k], 3) for k in ("clash_rate", "rg_ratio", "sse_tv")}, flush=True)
     noise = torch.randn(args.batch, ca.shape[1], 3, generator=torch.Generator().manual_seed(7))
     seconds: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(args.rounds):
-        for name, (model, sampler) in models.items():
+    for r in range(args.rounds):  # odd rounds run the models in reverse order (load drift)
+        for name, (model, sampler) in list(models.items())[:: -1 if r % 2 else 1]:
             t0 = time.perf_counter()
             with torch.no_grad():
                 sampler.sample(model, noise)

@@ -32,10 +32,14 @@ path's ``t_range``); ``ProteinSiD`` overrides that draw with the paper's log-spa
 SiD's loss plus an adversarial term whose discriminator is the fake score's encoder, fed
 the real training fragments the trainer already draws; the paper's script has the same
 switch, ``--use_sida``); ``ProteinSiDA`` adds nothing to its loss. The transformer's
-"encoder" is its first half (``BackboneDenoiser.features``). It also sets K = 20 and EMA
-0.99 (``SIDA_CONFIG``): the configuration that matches the 400-step teacher with 20x fewer
-network evaluations (16.5-21x measured), and the recipe's default objective;
-``--objective sid`` is the paper's plain SiD (K = 16).
+"encoder" is its first half (``BackboneDenoiser.features``). It also sets K = 20, sampled
+on 18 of its times, and EMA 0.99 (``SIDA_CONFIG``): the configuration that matches the
+400-step teacher with 22x fewer network evaluations (25x timed), and the recipe's default
+objective; ``--objective sid`` is the paper's plain SiD (K = 16 on all 16 times).
+
+``--sample_steps N`` samples the K-step student on N of its trained times
+(``sampling.thin_times``: the first N - 1 and the last); the saved ``student.json`` keeps
+both the trained ``times`` and the ``sample_times``.
 
 Before distillation the teacher is refined (``refine.py``: fine-tuned on its own plausible
 low-temperature samples); SiD / SiDA distil the refined teacher, the evaluation compares
@@ -167,12 +171,14 @@ SIDA_DEFAULTS: dict[str, Any] = {
 }
 
 # Recipe settings that objective sida (the default) brings (the user's flags win). On the
-# refined teacher SiDA at K = 20 matches the teacher's geometry and SSE (BENCHMARKS.md,
-# session 13, 3 training seeds, 512 samples: clash 0.29-0.39 vs the 400-step teacher's 0.42,
-# SSE TV 0.166 vs 0.19, CA-CA off 0.02-0.03 vs 0.12, Rg 1.13-1.18 vs 1.15) with 20x fewer
-# network evaluations (16.5-21x timed); at K = 16 its clash rate (0.50) stays above the
-# teacher's. EMA 0.99 averages over the swings of the adversarial game (samples alternate
-# between compact and spread out every ~100 steps).
+# refined teacher SiDA trained at K = 20 and sampled on 18 of its times matches the
+# 400-step teacher's geometry and SSE (BENCHMARKS.md, session 14, 3 training seeds, 512
+# samples: clash 0.31-0.40 vs 0.42, SSE TV 0.166 vs 0.19, CA-CA off 0.05-0.06 vs 0.12, Rg
+# 1.13-1.18 vs 1.15) with 22x fewer network evaluations (25x timed). Trained at K = 18 or 16
+# its clash rate stays at or above the teacher's (0.44, 0.50): the finer K = 20 grid trains
+# a better student, whose two low-noise steps before the last can then be skipped. EMA 0.99
+# averages over the swings of the adversarial game (samples alternate between compact and
+# spread out every ~100 steps).
 SIDA_CONFIG: dict[str, str] = {
     "student_steps": "20",
     "sample_steps": "18",
@@ -220,9 +226,10 @@ class SiDProteinConfig:
     # 13) or sid (the paper's default; more clashes than the teacher here)
     objective: str = "sida"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)  # teacher and its data
-    # K: network evaluations per backbone. 16 for SiD: the only K near the 400-step teacher on
-    # this CPU budget (27x faster, better bonds, more clashes); K <= 8 students stay broken
-    # (sessions 11-13, BENCHMARKS.md). --objective sida sets 20 (SIDA_CONFIG)
+    # K: the student's trained times (network evaluations per backbone unless sample_steps).
+    # 16 for SiD: the only K near the 400-step teacher on this CPU budget (24x faster, better
+    # bonds, more clashes); K <= 8 students stay broken (sessions 11-13, BENCHMARKS.md).
+    # --objective sida sets 20 (SIDA_CONFIG)
     student_steps: int = 16
     # network evaluations per backbone at inference: 0 = all K trained times; N < K runs the
     # first N - 1 trained times and the last (``sampling.thin_times``); --objective sida sets 18
