@@ -34,7 +34,7 @@ the real training fragments the trainer already draws; the paper's script has th
 switch, ``--use_sida``); ``ProteinSiDA`` adds nothing to its loss. The transformer's
 "encoder" is its first half (``BackboneDenoiser.features``). It also sets K = 20, sampled
 on 18 of its times, and EMA 0.99 (``SIDA_CONFIG``): the configuration that matches the
-400-step teacher with 22x fewer network evaluations (25x timed), and the recipe's default
+400-step teacher with 22x fewer network evaluations (24-25x timed), and the recipe's default
 objective; ``--objective sid`` is the paper's plain SiD (K = 16 on all 16 times).
 
 ``--sample_steps N`` samples the K-step student on N of its trained times
@@ -172,9 +172,10 @@ SIDA_DEFAULTS: dict[str, Any] = {
 
 # Recipe settings that objective sida (the default) brings (the user's flags win). On the
 # refined teacher SiDA trained at K = 20 and sampled on 18 of its times matches the
-# 400-step teacher's geometry and SSE (BENCHMARKS.md, session 14, 3 training seeds, 512
-# samples: clash 0.31-0.40 vs 0.42, SSE TV 0.166 vs 0.19, CA-CA off 0.05-0.06 vs 0.12, Rg
-# 1.13-1.18 vs 1.15) with 22x fewer network evaluations (25x timed). Trained at K = 18 or 16
+# 400-step teacher's geometry and SSE (BENCHMARKS.md, session 14, 5 training seeds, 512
+# samples: clash 0.32-0.44, mean 0.37 vs 0.42, SSE TV 0.166 vs 0.19, CA-CA off 0.04-0.06 vs
+# 0.12, Rg 1.11-1.20, mean 1.15 vs 1.15) with 22x fewer network evaluations (24-25x timed
+# in turn). Trained at K = 18 or 16
 # its clash rate stays at or above the teacher's (0.44, 0.50): the finer K = 20 grid trains
 # a better student, whose two low-noise steps before the last can then be skipped. EMA 0.99
 # averages over the swings of the adversarial game (samples alternate between compact and
