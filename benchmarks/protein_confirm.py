@@ -58,7 +58,8 @@ def main() -> None:
         models[name] = (student, SID.eval_sampler(cfg, times, meta["noise_scale"]))
     torch.set_num_threads(1)  # after SID.load, which applies the run's thread setting
     results: dict[str, dict] = {name: {"nfe": _nfe(s, m)} for name, (m, s) in models.items()}
-    for name, (model, sampler) in models.items() if args.samples else ():  # 0: timing only
+    quality = models if args.samples else {}  # --samples 0: timing only
+    for name, (model, sampler) in quality.items():
         x, _ = SID.generate(sampler, model, args.samples, ca.shape[1], args.batch, args.seed)
         m = evaluate_backbones(x, ca)
         results[name].update({k: v for k, v in m.items() if isinstance(v, (int, float))})
